@@ -1,0 +1,327 @@
+"""The immutable events that flow on every sluice bus.
+
+Every task transition, on the scheduler and on every worker, and every change
+of cluster membership is one of these values. They are frozen attrs classes:
+nothing mutates an event after it is built, a new ``seq`` is given with
+:func:`attrs.evolve`.
+
+``to_dict`` gives a JSON-safe dict carrying ``kind``; :func:`from_dict` rebuilds
+the identical event. Task keys are ``str`` or (nested) tuples of str/int; JSON
+turns tuples into lists, so :func:`from_dict` turns them back. Mappings keyed by
+task keys (``GraphUpdated.dependencies``) are written as lists of pairs, since a
+JSON object key must be a string.
+
+The schema has a version (:data:`SCHEMA_VERSION`). A log written with an older
+version is upcast step by step by :func:`upcast` when read, so old logs keep
+replaying.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeAlias
+
+import attrs
+
+__all__ = (
+    "SCHEMA_VERSION",
+    "ClientAdded",
+    "ClientReleasedKeys",
+    "ClientRemoved",
+    "Event",
+    "EventSchemaError",
+    "GraphUpdated",
+    "Key",
+    "PluginAdded",
+    "PluginRemoved",
+    "Restarted",
+    "SchedulerClosing",
+    "SchedulerStarted",
+    "TaskTransition",
+    "UserEvent",
+    "WorkerAdded",
+    "WorkerRemoved",
+    "from_dict",
+    "upcast",
+)
+
+#: Version of the event schema; recorded in event-log headers.
+SCHEMA_VERSION = 1
+
+#: A task key: a string or a tuple of str/int (possibly nested), as in Dask.
+Key: TypeAlias = "str | tuple[Any, ...]"
+
+
+class EventSchemaError(ValueError):
+    """A dict does not describe a known event (unknown kind, missing field...)."""
+
+
+def to_key(value: Any) -> Key:
+    """Turn a key that went through JSON (lists) back into its tuple form."""
+    if type(value) is list:
+        return tuple(to_key(v) for v in value)
+    return value  # type: ignore[no-any-return]
+
+
+def _keys(values: Iterable[Any]) -> tuple[Key, ...]:
+    return tuple(to_key(v) for v in values)
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Base of every event: a position on its bus, a time and a source.
+
+    ``seq`` is strictly increasing per bus, from 1 (0 means "not stamped yet");
+    ``time`` is epoch seconds, carried in from the stimulus so replay is exact;
+    ``source`` is ``"scheduler"`` or a worker's address.
+    """
+
+    kind: ClassVar[str] = ""
+    seq: int = 0
+    time: float = 0.0
+    source: str = "scheduler"
+
+    # Filled in for each subclass by _register; to_dict reads every field at once.
+    _field_names: ClassVar[tuple[str, ...]] = ()
+    _getter: ClassVar[Callable[[Any], Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of this event, with its ``kind``."""
+        d = dict(zip(self._field_names, self._getter(self), strict=True))
+        d["kind"] = self.kind
+        return d
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        return cls(**fields)
+
+
+@attrs.frozen(kw_only=True)
+class TaskTransition(Event):
+    """A task moved from ``start`` to ``finish`` on the scheduler or a worker."""
+
+    kind: ClassVar[str] = "task-transition"
+    key: Key
+    start: str
+    finish: str
+    stimulus_id: str = ""
+    worker: str | None = None
+    nbytes: int | None = None
+    duration: float | None = None
+    exception: str | None = None
+    traceback: str | None = None
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        key = fields["key"]
+        if type(key) is list:
+            fields["key"] = to_key(key)
+        return cls(**fields)
+
+
+@attrs.frozen(kw_only=True)
+class GraphUpdated(Event):
+    """A client submitted tasks.
+
+    ``keys`` are the keys the client wants (holds futures for); ``dependencies``
+    maps every task of the submission to the keys it depends on; ``priority``
+    and ``retries`` are per task (absent means 0).
+    """
+
+    kind: ClassVar[str] = "graph-updated"
+    client: str
+    keys: tuple[Key, ...]
+    dependencies: Mapping[Key, tuple[Key, ...]]
+    priority: Mapping[Key, int] = attrs.field(factory=dict)
+    retries: Mapping[Key, int] = attrs.field(factory=dict)
+    stimulus_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "seq": self.seq,
+            "time": self.time,
+            "source": self.source,
+            "client": self.client,
+            "keys": list(self.keys),
+            "dependencies": [[k, list(v)] for k, v in self.dependencies.items()],
+            "priority": [[k, p] for k, p in self.priority.items()],
+            "retries": [[k, r] for k, r in self.retries.items()],
+            "stimulus_id": self.stimulus_id,
+        }
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        fields["keys"] = _keys(fields["keys"])
+        fields["dependencies"] = {to_key(k): _keys(v) for k, v in fields["dependencies"]}
+        fields["priority"] = {to_key(k): p for k, p in fields.get("priority", ())}
+        fields["retries"] = {to_key(k): r for k, r in fields.get("retries", ())}
+        return cls(**fields)
+
+
+@attrs.frozen(kw_only=True)
+class ClientReleasedKeys(Event):
+    """A client no longer wants these keys (its futures were released)."""
+
+    kind: ClassVar[str] = "client-released-keys"
+    client: str
+    keys: tuple[Key, ...]
+    stimulus_id: str = ""
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        fields["keys"] = _keys(fields["keys"])
+        return cls(**fields)
+
+
+@attrs.frozen(kw_only=True)
+class WorkerAdded(Event):
+    """A worker joined the cluster."""
+
+    kind: ClassVar[str] = "worker-added"
+    worker: str
+    name: str = ""
+    nthreads: int = 1
+    memory_limit: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class WorkerRemoved(Event):
+    """A worker left the cluster or was lost; ``reason`` says which."""
+
+    kind: ClassVar[str] = "worker-removed"
+    worker: str
+    reason: str = ""
+    stimulus_id: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ClientAdded(Event):
+    """A client connected."""
+
+    kind: ClassVar[str] = "client-added"
+    client: str
+
+
+@attrs.frozen(kw_only=True)
+class ClientRemoved(Event):
+    """A client disconnected; the keys it alone wanted are released."""
+
+    kind: ClassVar[str] = "client-removed"
+    client: str
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerStarted(Event):
+    """The scheduler is up and listening at ``address``."""
+
+    kind: ClassVar[str] = "scheduler-started"
+    address: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerClosing(Event):
+    """The scheduler at ``address`` is shutting down."""
+
+    kind: ClassVar[str] = "scheduler-closing"
+    address: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Restarted(Event):
+    """The cluster was restarted: every task was forgotten."""
+
+    kind: ClassVar[str] = "restarted"
+    stimulus_id: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class PluginAdded(Event):
+    """A plugin was registered under ``name``."""
+
+    kind: ClassVar[str] = "plugin-added"
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class PluginRemoved(Event):
+    """The plugin registered under ``name`` was removed."""
+
+    kind: ClassVar[str] = "plugin-removed"
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class UserEvent(Event):
+    """A free-form event on ``topic``; ``msg`` must be JSON-safe."""
+
+    kind: ClassVar[str] = "user-event"
+    topic: str
+    msg: Any = None
+
+
+EVENT_CLASSES: tuple[type[Event], ...] = (
+    TaskTransition,
+    GraphUpdated,
+    ClientReleasedKeys,
+    WorkerAdded,
+    WorkerRemoved,
+    ClientAdded,
+    ClientRemoved,
+    SchedulerStarted,
+    SchedulerClosing,
+    Restarted,
+    PluginAdded,
+    PluginRemoved,
+    UserEvent,
+)
+
+#: kind -> event class.
+KINDS: dict[str, type[Event]] = {}
+
+
+def _register(cls: type[Event]) -> None:
+    names = tuple(f.name for f in attrs.fields(cls))
+    cls._field_names = names
+    cls._getter = operator.attrgetter(*names)
+    KINDS[cls.kind] = cls
+
+
+for _cls in EVENT_CLASSES:
+    _register(_cls)
+
+#: Upcasters: ``UPCASTERS[v]`` turns a dict of schema version ``v`` into ``v + 1``.
+UPCASTERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def upcast(d: dict[str, Any], version: int) -> dict[str, Any]:
+    """Bring an event dict written with schema ``version`` up to the current one."""
+    if version > SCHEMA_VERSION:
+        raise EventSchemaError(
+            f"event schema version {version} is newer than this sluice ({SCHEMA_VERSION})"
+        )
+    while version < SCHEMA_VERSION:
+        d = UPCASTERS[version](d)
+        version += 1
+    return d
+
+
+def from_dict(d: Mapping[str, Any], *, version: int = SCHEMA_VERSION) -> Event:
+    """Rebuild the event that ``event.to_dict()`` described.
+
+    ``version`` is the schema version the dict was written with; older dicts
+    are upcast first. Raises :class:`EventSchemaError` on an unknown kind or a
+    missing or unexpected field.
+    """
+    fields = dict(d)
+    if version != SCHEMA_VERSION:
+        fields = upcast(fields, version)
+    kind = fields.pop("kind", None)
+    cls = KINDS.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise EventSchemaError(f"unknown event kind {kind!r}")
+    try:
+        return cls._from_fields(fields)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise EventSchemaError(f"bad {kind!r} event: {exc}") from None
