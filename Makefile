@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy src sinks
+	$(BIN)/mypy src
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -84,7 +84,7 @@ class Event:
 
     # Filled in for each subclass by _register; to_dict reads every field at once.
     _field_names: ClassVar[tuple[str, ...]] = ()
-    _getter: ClassVar[Callable[[Any], Any]]
+    _getter: ClassVar[operator.attrgetter[Any]]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of this event, with its ``kind``."""
@@ -318,7 +318,7 @@ def from_dict(d: Mapping[str, Any], *, version: int = SCHEMA_VERSION) -> Event:
     if version != SCHEMA_VERSION:
         fields = upcast(fields, version)
     kind = fields.pop("kind", None)
-    cls = KINDS.get(kind)  # type: ignore[arg-type]
+    cls = KINDS.get(kind)
     if cls is None:
         raise EventSchemaError(f"unknown event kind {kind!r}")
     try:
