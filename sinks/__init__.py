@@ -24,7 +24,7 @@ __all__ = ("Sink", "SinkLike")
 class SinkLike(Protocol):
     """What the bus needs of a sink: ``write(batch)``, sync or async."""
 
-    def write(self, batch: Sequence[Event], /) -> None | Awaitable[None]: ...
+    def write(self, batch: Sequence[Event], /) -> Awaitable[None] | None: ...
 
 
 class Sink:
