@@ -29,8 +29,10 @@ __all__ = (
     "ClientAdded",
     "ClientReleasedKeys",
     "ClientRemoved",
+    "ComputeRequested",
     "Event",
     "EventSchemaError",
+    "FreeRequested",
     "GraphUpdated",
     "Key",
     "PluginAdded",
@@ -261,6 +263,59 @@ class UserEvent(Event):
     msg: Any = None
 
 
+@attrs.frozen(kw_only=True)
+class ComputeRequested(Event):
+    """Worker-local: the scheduler asked this worker to compute ``key``.
+
+    Records what a transition cannot carry: the priority, and every dependency
+    with the peers that hold it, so a replay knows what the task waits for and
+    where to fetch from.
+    """
+
+    kind: ClassVar[str] = "compute-requested"
+    key: Key
+    priority: int = 0
+    who_has: Mapping[Key, tuple[str, ...]] = attrs.field(factory=dict)
+    stimulus_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "seq": self.seq,
+            "time": self.time,
+            "source": self.source,
+            "key": self.key,
+            "priority": self.priority,
+            "who_has": [[k, list(v)] for k, v in self.who_has.items()],
+            "stimulus_id": self.stimulus_id,
+        }
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        fields["key"] = to_key(fields["key"])
+        fields["who_has"] = {to_key(k): tuple(v) for k, v in fields.get("who_has", ())}
+        return cls(**fields)
+
+
+@attrs.frozen(kw_only=True)
+class FreeRequested(Event):
+    """Worker-local: the scheduler gave up these keys on this worker.
+
+    Transitions follow for the keys nothing else needs; a key that a task here
+    still depends on stays until that task is done, which only this event can
+    explain to a replay.
+    """
+
+    kind: ClassVar[str] = "free-requested"
+    keys: tuple[Key, ...]
+    stimulus_id: str = ""
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Event:
+        fields["keys"] = _keys(fields["keys"])
+        return cls(**fields)
+
+
 EVENT_CLASSES: tuple[type[Event], ...] = (
     TaskTransition,
     GraphUpdated,
@@ -275,6 +330,8 @@ EVENT_CLASSES: tuple[type[Event], ...] = (
     PluginAdded,
     PluginRemoved,
     UserEvent,
+    ComputeRequested,
+    FreeRequested,
 )
 
 #: kind -> event class.
