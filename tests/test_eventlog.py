@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
+import sluice._core.event_codec as event_codec
 import sluice._core.logfile as logfile
 from sluice import events as ev
 from sluice.events import (
@@ -497,6 +498,7 @@ def test_older_versions_are_upcast(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(ev, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(logfile, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(event_codec, "SCHEMA_VERSION", 2)
     monkeypatch.setitem(ev.UPCASTERS, 1, v1_to_v2)
     got = list(read_events(path))
     assert [e.stimulus_id for e in got] == [  # type: ignore[attr-defined]

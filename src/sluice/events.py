@@ -61,12 +61,14 @@ class EventSchemaError(ValueError):
 def to_key(value: Any) -> Key:
     """Turn a key that went through JSON (lists) back into its tuple form."""
     if type(value) is list:
-        return tuple(to_key(v) for v in value)
+        # Scalars are tested inline: most keys are flat ("name", i) pairs, and
+        # this runs once per event when a log is read.
+        return tuple([to_key(v) if type(v) is list else v for v in value])
     return value  # type: ignore[no-any-return]
 
 
 def _keys(values: Iterable[Any]) -> tuple[Key, ...]:
-    return tuple(to_key(v) for v in values)
+    return tuple([to_key(v) if type(v) is list else v for v in values])
 
 
 @attrs.frozen(kw_only=True)
@@ -92,8 +94,8 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of this event, with its ``kind``."""
         # Replaced by _register with a generated dict literal, for speed.
-        d = {name: getattr(self, name) for name in self._field_names}
-        d["kind"] = self.kind
+        d = {"kind": self.kind}
+        d.update((name, getattr(self, name)) for name in self._field_names)
         return d
 
     @classmethod
@@ -357,7 +359,8 @@ def _register(cls: type[Event]) -> None:
     KINDS[cls.kind] = cls
     if "to_dict" not in cls.__dict__:
         items = "".join(f"{n!r}: self.{n}, " for n in names)
-        source = f"def to_dict(self):\n    return {{{items}'kind': {cls.kind!r}}}\n"
+        # kind first: the event-log reader picks the decoder from a line's first bytes.
+        source = f"def to_dict(self):\n    return {{'kind': {cls.kind!r}, {items}}}\n"
         to_dict = _compile("to_dict", source, {})
         to_dict.__doc__ = Event.to_dict.__doc__
         cls.to_dict = to_dict  # type: ignore[method-assign]
@@ -365,7 +368,11 @@ def _register(cls: type[Event]) -> None:
         f.default is attrs.NOTHING or not isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]
         for f in fields
     ):
-        lines = ["def build(d):", "    self = new(cls)"]
+        # Helpers bound as defaults: locals are cheaper to reach than globals.
+        lines = [
+            "def build(d, new=new, cls=cls, setattr=setattr, to_key=to_key):",
+            "    self = new(cls)",
+        ]
         for f in fields:
             value = f"d[{f.name!r}]"
             if f.name in cls._key_fields:

@@ -22,7 +22,7 @@ so a test or a human can find the bad line with ``sed -n Np``.
 
 Speed matters (logs of millions of transitions are replayed in tests), so the
 reader iterates lines of a binary file with a large buffer and decodes each
-with :func:`orjson.loads`; the hot loop does nothing else.
+with :func:`sluice._core.event_codec.decode_line`; the hot loop does nothing else.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from typing import Any, Final
 
 import orjson
 
-from sluice.events import SCHEMA_VERSION, Event, EventSchemaError, from_dict
+from sluice._core.event_codec import decode_line
+from sluice.events import SCHEMA_VERSION, Event
 
 __all__ = (
     "FORMAT",
@@ -205,13 +206,9 @@ class EventLogReader:
                 self._truncate(file, 1)
                 return
             version = self._check_segment_header(file, n, first)
-            loads = orjson.loads
             for lineno, line in enumerate(f, 2):
                 try:
-                    d = loads(line)
-                    if type(d) is not dict:
-                        raise EventSchemaError(f"not an event object: {line[:60]!r}")
-                    event = from_dict(d, version=version)
+                    event = decode_line(line, version)
                 except (ValueError, TypeError) as exc:
                     # JSONDecodeError and EventSchemaError are ValueErrors; a
                     # TypeError comes from an unhashable "kind" such as a list.
