@@ -1,0 +1,43 @@
+"""The ``sluice`` command line (click).
+
+Each subcommand lives in a module of its own and is attached here, so that
+``sluice --help`` stays fast: heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sluice import __version__
+
+__all__ = ("main",)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sluice")
+def main() -> None:
+    """sluice: a distributed task scheduler whose every task transition is an event."""
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the event log (default: a new temporary folder).",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(1, 100_000),
+    default=200,
+    show_default=True,
+    help="Number of records the demo pipeline processes.",
+)
+def demo(out: Path | None, tasks: int) -> None:
+    """Run a small pipeline on an embedded cluster, then replay its event log."""
+    from sluice._demo import run_demo
+
+    sys.exit(run_demo(out=out, n=tasks))
