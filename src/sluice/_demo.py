@@ -27,6 +27,7 @@ from rich.table import Table
 from sluice._core.commands import AddClient, AddWorker, UpdateGraph
 from sluice._core.messages import ComputeTaskMsg, TaskErredMsg, TaskFinishedMsg
 from sluice._core.scheduler_state import SchedulerState
+from sluice._tuning import tune_process
 from sluice.bus import EventBus
 from sluice.events import Event, Key, TaskTransition
 from sluice.replay import read_events
@@ -157,6 +158,7 @@ async def _live_run(n: int, log_path: Path, console: Console) -> tuple[Scheduler
 
 def run_demo(*, out: Path | None, n: int) -> int:
     """Run the demo; return the process exit code."""
+    tune_process()  # as a server does at startup
     console = Console()
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sluice-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,7 @@ def run_demo(*, out: Path | None, n: int) -> int:
     table.add_column("replayed", justify="right")
     table.add_row("events (last seq)", str(live.seq), str(replayed.seq))
     table.add_row("workers", str(len(live.workers)), str(len(replayed.workers)))
-    table.add_row("tasks held", str(len(live.tasks)), str(len(replayed.tasks)))
+    table.add_row("tasks known", str(len(live.tasks)), str(len(replayed.tasks)))
     table.add_row(
         "state of 'total'",
         final.state if final else "-",
