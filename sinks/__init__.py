@@ -10,6 +10,7 @@ its own, an ``async def write`` on the event loop.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -27,7 +28,7 @@ class SinkLike(Protocol):
     def write(self, batch: Sequence[Event], /) -> Awaitable[None] | None: ...
 
 
-class Sink:
+class Sink(abc.ABC):
     """Base class for sinks.
 
     Class attributes a subclass may set:
@@ -44,14 +45,17 @@ class Sink:
     bus: EventBus | None = None
 
     def start(self) -> Any:
-        """Called once, before the first ``write``."""
+        """Called once, before the first ``write``; optional."""
+        return None
 
+    @abc.abstractmethod
     def write(self, batch: Sequence[Event], /) -> Any:
-        """Handle a batch of events, oldest first."""
-        raise NotImplementedError(f"{type(self).__name__} must define write(batch)")
+        """Handle a batch of events, oldest first (``def`` or ``async def``)."""
 
     def flush(self) -> Any:
-        """Push out anything buffered; called after the bus drained the queue."""
+        """Push out anything buffered; called after the bus drained the queue; optional."""
+        return None
 
     def close(self) -> Any:
-        """Called once after the last ``write``."""
+        """Called once after the last ``write``; optional."""
+        return None

@@ -8,6 +8,7 @@ import pytest
 
 from sluice.bus import EventBus
 from sluice.events import Restarted, TaskTransition, WorkerAdded
+from sluice.sinks import Sink
 from sluice.sinks.counter import Counter
 from sluice.sinks.errors import ErrorLogger
 
@@ -69,3 +70,12 @@ async def test_error_logger_logs_failures_with_exception_and_traceback(
     assert "ZeroDivisionError('division by zero')" in messages[0]
     assert 'File "job.py", line 3' in messages[0]
     assert "KeyError('a')" in messages[1]
+
+
+def test_a_sink_without_write_cannot_be_made() -> None:
+    class Forgetful(Sink):
+        def flush(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match=r"abstract method.*write"):
+        Forgetful()  # type: ignore[abstract]

@@ -31,6 +31,7 @@ itself (``consumer-failed``) are stamped by the ``stamp`` callable it was given.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import itertools
@@ -47,6 +48,7 @@ from typing import IO, Any, Literal, Self
 import anyio
 import anyio.abc
 import anyio.to_thread
+import attrs
 
 from sluice.events import Event, UserEvent
 
@@ -75,7 +77,7 @@ def _default_name(consumer: Consumer) -> str:
     return type(consumer).__name__.lower()
 
 
-class Subscription:
+class Subscription(abc.ABC):
     """One consumer on a bus, with its delivery statistics."""
 
     mode: Mode
@@ -95,8 +97,9 @@ class Subscription:
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
 
+    @abc.abstractmethod
     def deliver(self, event: Event) -> None:
-        raise NotImplementedError
+        """Hand ``event`` on: call the consumer, or queue it for the drain task."""
 
     @property
     def lag(self) -> int:
@@ -395,8 +398,6 @@ class EventBus:
         return route
 
     def _own_stamp(self, event: Event) -> Event:
-        import attrs
-
         last = self.history[-1].seq if self.history else 0
         return attrs.evolve(event, seq=last + 1)
 

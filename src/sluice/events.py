@@ -18,6 +18,7 @@ replaying.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypeAlias
 
@@ -419,10 +420,9 @@ def from_dict(d: Mapping[str, Any], *, version: int = SCHEMA_VERSION) -> Event:
     build = cls._fast_build
     if build is not None and len(d) == len(cls._field_names) + 1:
         # Exactly the fields to_dict writes (plus kind): the fast path is exact.
-        try:
+        # A KeyError means one field is missing and another extra: attrs explains below.
+        with contextlib.suppress(KeyError):
             return build(d)
-        except KeyError:
-            pass  # a field is missing (another is extra): let attrs explain
     fields = dict(d)
     del fields["kind"]
     try:

@@ -16,6 +16,7 @@ which give the precise error for a bad line.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import msgspec
@@ -56,12 +57,10 @@ def decode_line(line: bytes, version: int = SCHEMA_VERSION) -> Event:
     """
     if version == SCHEMA_VERSION and line.startswith(_PREFIX):
         decode = _DECODERS.get(line[_START : line.find(b'"', _START)])
-        if decode is not None:
-            try:
+        # A line that does not validate goes on to the dict path, which names the problem.
+        with contextlib.suppress(msgspec.DecodeError):
+            if decode is not None:
                 event = decode(line)
-            except msgspec.DecodeError:
-                pass  # let the dict path below name the problem
-            else:
                 _restore_nested_keys(event)
                 return event
     d = orjson.loads(line)
