@@ -93,7 +93,7 @@ class _Runner:
         self._stack.close()
 
 
-def _plugin_dispatch(event: Event, plugin: Any, view: Any, run: _Runner) -> None:
+def _plugin_dispatch(event: Event, plugin: Any, view: Any, run: Callable[..., Any]) -> None:
     """Call the SchedulerPlugin hook that matches ``event``, if the plugin has it."""
     kind = type(event)
     if kind is TaskTransition:
@@ -149,7 +149,7 @@ def _plugin_dispatch(event: Event, plugin: Any, view: Any, run: _Runner) -> None
         _maybe(plugin, "log_event", run, event.topic, event.msg)
 
 
-def _maybe(plugin: Any, hook_name: str, run: _Runner, *args: Any, **kwargs: Any) -> None:
+def _maybe(plugin: Any, hook_name: str, run: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     hook = getattr(plugin, hook_name, None)
     if hook is not None:
         run(hook, *args, **kwargs)
