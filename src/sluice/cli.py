@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from sluice import __version__
+from sluice._cli_scheduler import scheduler
+from sluice._cli_worker import worker
 
 __all__ = ("main",)
 
@@ -41,3 +43,7 @@ def demo(out: Path | None, tasks: int) -> None:
     from sluice._demo import run_demo
 
     sys.exit(run_demo(out=out, n=tasks))
+
+
+main.add_command(scheduler)
+main.add_command(worker)

@@ -63,11 +63,7 @@ _MAX_BACKOFF: Final = 5.0
 
 
 def _worker_command() -> list[str]:
-    """``python -m sluice worker``, or the worker module itself before the CLI has it."""
-    from sluice.cli import main
-
-    if "worker" in getattr(main, "commands", {}):
-        return [sys.executable, "-m", "sluice", "worker"]
+    """``sluice worker`` run as its own module: it imports only what a worker needs."""
     return [sys.executable, "-m", "sluice._cli_worker"]
 
 
