@@ -133,30 +133,29 @@ def fail(x: int) -> int:
     raise ZeroDivisionError(f"bad input {x}")
 
 
-def layered_graph(n: int, leaf: Callable[[int], int]) -> tuple[dict[Any, Any], list[Any]]:
-    """n leaves, then pairwise sums of neighbours: about 2n tasks with dependencies."""
-    graph: dict[Any, Any] = {("leaf", i): (leaf, i) for i in range(n)}
-    for i in range(n - 1):
-        graph["pair", i] = (add, ("leaf", i), ("leaf", i + 1))
-    return graph, [("pair", i) for i in range(n - 1)]
-
-
 def test_cli_cluster_runs_a_graph_with_a_failing_task(cluster: Cluster) -> None:
     with connect(cluster) as client:
-        graph, keys = layered_graph(500, inc)  # 999 tasks
-        graph["bad"] = (fail, 7)
-        results = client.get(graph, keys)
-        assert results == [(i + 1) + (i + 2) for i in range(499)]
+        # 1,000 tasks: 500 leaves, 498 sums of neighbours, a failing task and its dependent.
+        leaves = client.map(inc, range(500))
+        sums = [client.submit(add, leaves[i], leaves[i + 1]) for i in range(498)]
+        bad = client.submit(fail, 7)
+        after = client.submit(inc, bad)
+        assert client.gather(sums) == [(i + 1) + (i + 2) for i in range(498)]
+        for future in (bad, after):
+            error = future.exception()
+            assert type(error) is ZeroDivisionError and str(error) == "bad input 7"
         with pytest.raises(ZeroDivisionError, match="bad input 7") as info:
-            client.get({"bad": (fail, 7), "after": (inc, "bad")}, "after")
-        notes = "\n".join(getattr(info.value, "__notes__", []))
+            after.result()
         # The worker's traceback, down to the frame that raised (functions shipped by
         # value have no source file to quote lines from).
+        notes = "\n".join(getattr(info.value, "__notes__", []))
         assert "in fail" in notes and "ZeroDivisionError: bad input 7" in notes
 
         snapshot = client.run_on_scheduler(_snapshot)
     cluster.stop()
-    replayed = SchedulerState.from_events(read_events(cluster.event_log), until=snapshot["seq"])
+    events = list(read_events(cluster.event_log))
+    assert sum(isinstance(e, TaskTransition) and e.finish == "erred" for e in events) == 2
+    replayed = SchedulerState.from_events(events, until=snapshot["seq"])
     assert replayed.snapshot() == snapshot
 
 
