@@ -15,9 +15,23 @@ def test_public_names_are_exported_and_listed() -> None:
     assert isinstance(sluice.__all__, tuple)
     for name in sluice.__all__:
         assert getattr(sluice, name) is not None, name
-    assert {"EventBus", "SchedulerState", "SchedulerPlugin", "WorkerPlugin", "NannyPlugin"} <= set(
-        sluice.__all__
-    )
+    expected = {
+        "Client",
+        "EventBus",
+        "LocalCluster",
+        "Nanny",
+        "NannyPlugin",
+        "Scheduler",
+        "SchedulerPlugin",
+        "SchedulerState",
+        "Security",
+        "Worker",
+        "WorkerPlugin",
+        "as_completed",
+        "get_worker",
+        "wait",
+    }
+    assert expected <= set(sluice.__all__)
     assert sluice.__version__ == "0.1.0"
 
 
