@@ -19,12 +19,14 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from types import TracebackType
+from typing import Any, ClassVar, Self
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
-__all__ = ("at_exit", "get_portal", "in_loop_thread", "loop_thread_id")
+__all__ = ("SyncOrAsync", "at_exit", "get_portal", "in_loop_thread", "loop_thread_id")
 
 logger = logging.getLogger("sluice.loop")
 
@@ -109,3 +111,67 @@ def _close_all() -> None:
         portal.call(close_them)
     except Exception:  # the loop may already be gone
         logger.debug("could not close sluice objects at exit", exc_info=True)
+
+
+class SyncOrAsync:
+    """The two faces of the Client and LocalCluster: blocking calls, or coroutines.
+
+    A subclass sets ``asynchronous``, ``status`` and ``_portal`` (the shared
+    portal when sync) and implements ``_start`` and ``_close``. Then ``with``,
+    ``async with``, ``await obj`` and ``close()`` work the same way for both.
+    """
+
+    _noun: ClassVar[str] = "object"
+    asynchronous: bool
+    status: str
+    _portal: BlockingPortal | None
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def _sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run the async ``fn`` now (sync mode) or hand back its coroutine (async)."""
+        if self.asynchronous:
+            return fn(*args, **kwargs)
+        assert self._portal is not None
+        return self._portal.call(partial(fn, *args, **kwargs))
+
+    async def _started(self) -> Self:
+        await self._start()
+        return self
+
+    def close(self) -> Any:
+        """Close it (a coroutine in async mode); closing twice does nothing."""
+        if not self.asynchronous and self.status == "closed":
+            return None
+        return self._sync(self._close)
+
+    def __await__(self) -> Any:
+        return self._started().__await__()
+
+    def __enter__(self) -> Self:
+        if self.asynchronous:
+            raise RuntimeError(f"use `async with` for an asynchronous {self._noun}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return await self._started()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()

@@ -308,7 +308,7 @@ class SchedulerServing:
                 elif op == "worker-events":
                     self._worker_events(address, msg.get("events") or ())
                 elif op == "heartbeat":
-                    pass  # last_seen was updated for the whole frame
+                    continue  # last_seen was updated for the whole frame
                 elif op == "reply":
                     self._run_answered(conn, msg)
                 elif msg.get("rid") is not None:

@@ -33,8 +33,6 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from functools import partial
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -105,13 +103,15 @@ class _Pending:
         self.callback = callback
 
 
-class Client:
+class Client(_loop.SyncOrAsync):
     """Connect to a sluice scheduler (or start a :class:`LocalCluster`) and run tasks.
 
     ``address`` is ``"tcp://host:port"``, a :class:`~sluice.deploy.LocalCluster`, or
     None to start a local cluster of 2 worker processes with 1 thread each, which the
     client closes with itself.
     """
+
+    _noun = "client"
 
     def __init__(
         self,
@@ -162,13 +162,6 @@ class Client:
             _loop.at_exit(self, self._close)
 
     # ------------------------------------------------------------ sync plumbing
-
-    def _sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run the async ``fn`` now (sync client) or hand back its coroutine (async)."""
-        if self.asynchronous:
-            return fn(*args, **kwargs)
-        assert self._portal is not None
-        return self._portal.call(partial(fn, *args, **kwargs))
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run the plain ``fn`` on the client's loop: now if already there."""
@@ -342,38 +335,9 @@ class Client:
         self.status = "closed"
         _loop.at_exit(self, None)
 
-    def close(self) -> Any:
-        """Disconnect (and close the cluster if this client started it)."""
-        if not self.asynchronous and self.status == "closed":
-            return None
-        return self._sync(self._close)
-
-    def __enter__(self) -> Self:
-        if self.asynchronous:
-            raise RuntimeError("use `async with` for an asynchronous client")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        await self._start_once()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _start_once(self) -> Self:
+    async def _started(self) -> Self:
+        # A sync client started in __init__; an async one starts once, however
+        # many tasks await it at the same time.
         if not self.asynchronous:
             return self
         if self._start_lock is None:
@@ -381,9 +345,6 @@ class Client:
         async with self._start_lock:
             await self._start()
         return self
-
-    def __await__(self) -> Any:
-        return self._start_once().__await__()
 
     def __repr__(self) -> str:
         return f"<Client {self.id} scheduler={self._scheduler_address!r} {self.status}>"

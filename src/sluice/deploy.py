@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
-from functools import partial
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -29,13 +26,15 @@ __all__ = ("LocalCluster",)
 logger = logging.getLogger("sluice.deploy")
 
 
-class LocalCluster:
+class LocalCluster(_loop.SyncOrAsync):
     """A scheduler plus ``n_workers`` workers of ``threads_per_worker`` threads each.
 
     Sync by default (the constructor returns a running cluster); with
     ``asynchronous=True`` use ``async with LocalCluster(...)`` or
     ``await LocalCluster(...)``, and ``scale``/``close`` are coroutines.
     """
+
+    _noun = "cluster"
 
     def __init__(
         self,
@@ -79,12 +78,6 @@ class LocalCluster:
         Client that started its own cluster there)."""
         self.asynchronous = False
         self._portal = _loop.get_portal()
-
-    def _sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.asynchronous:
-            return fn(*args)
-        assert self._portal is not None
-        return self._portal.call(partial(fn, *args))
 
     def __repr__(self) -> str:
         kind = "processes" if self.processes else "in-process"
@@ -218,44 +211,6 @@ class LocalCluster:
                 await self.scheduler.close()
         self.status = "closed"
         _loop.at_exit(self, None)
-
-    def close(self) -> Any:
-        """Stop the workers and the scheduler."""
-        if not self.asynchronous and self.status == "closed":
-            return None
-        return self._sync(self._close)
-
-    def __enter__(self) -> Self:
-        if self.asynchronous:
-            raise RuntimeError("use `async with` for an asynchronous cluster")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        await self._start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _started(self) -> Self:
-        await self._start()
-        return self
-
-    def __await__(self) -> Any:
-        return self._started().__await__()
 
 
 async def _close_quietly(w: Any) -> None:

@@ -651,7 +651,7 @@ class Worker:
                     logger.info("the scheduler closes worker %s: %s", self.address, reason)
                     self._request_close("scheduler-restart" if restart else "scheduler-close")
                 elif op == "reply":
-                    pass  # nothing the worker asks the scheduler expects an answer yet
+                    continue  # nothing the worker asks the scheduler expects an answer yet
                 elif msg.get("rid") is not None:
                     self._to_scheduler(_error_reply(msg["rid"], ValueError(f"unknown op {op!r}")))
                 else:
