@@ -1,0 +1,237 @@
+"""Configuration: defaults, YAML files, environment variables, and ``set()``.
+
+Keys are dotted paths such as ``"sluice.worker.forward-events"``; ``_`` and
+``-`` are the same inside a key. Later sources win:
+
+1. the defaults below;
+2. YAML files in ``/etc/sluice/``, then ``~/.config/sluice/``, then
+   ``$SLUICE_CONFIG`` (a file or a folder);
+3. environment variables: ``SLUICE_WORKER__FORWARD_EVENTS=false`` sets
+   ``sluice.worker.forward-events``; a double underscore nests, values are read
+   as YAML (so ``false``, ``3``, ``[a, b]`` have their types);
+4. :func:`set`, as a plain call or as a context manager that undoes itself.
+
+Child processes (a nanny's worker) get what :func:`set` changed through the
+environment (:func:`child_environment`), so configuration set in a script
+reaches the workers it starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+__all__ = (
+    "DEFAULTS",
+    "ConfigError",
+    "child_environment",
+    "get",
+    "refresh",
+    "set",
+)
+
+#: Every key sluice reads, with its default.
+DEFAULTS: dict[str, Any] = {
+    "sluice": {
+        "scheduler": {"preload": [], "preload-argv": [], "sinks": []},
+        "worker": {
+            "preload": [],
+            "preload-argv": [],
+            "sinks": [],
+            "forward-events": True,
+        },
+        "nanny": {"preload": [], "preload-argv": []},
+        "client": {"preload": [], "preload-argv": []},
+    }
+}
+
+_ENV_PREFIX = "SLUICE_"
+_INHERITED = "SLUICE_INTERNAL_INHERITED_CONFIG"  # set() overrides handed to child processes
+_NOT_GIVEN: Any = object()
+
+_lock = threading.RLock()
+_base: dict[str, Any] = {}  # defaults + files + environment
+_overrides: list[tuple[str, Any]] = []  # from set(), in order
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable that cannot be read, named in one line."""
+
+
+def _norm(part: str) -> str:
+    return part.strip().lower().replace("_", "-")
+
+
+def _split(key: str) -> list[str]:
+    parts = [_norm(p) for p in key.split(".")]
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"bad configuration key {key!r}")
+    return parts
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for raw_key, value in new.items():
+        key = _norm(str(raw_key))
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif isinstance(value, Mapping):
+            into[key] = {}
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _assign(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        child = tree.get(part)
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    if isinstance(value, Mapping):
+        tree[parts[-1]] = {}
+        _merge(tree[parts[-1]], value)
+    else:
+        tree[parts[-1]] = value
+
+
+def _yaml_files() -> Iterator[Path]:
+    folders = [Path("/etc/sluice"), Path.home() / ".config" / "sluice"]
+    for folder in folders:
+        if folder.is_dir():
+            yield from sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    extra = os.environ.get("SLUICE_CONFIG")
+    if extra:
+        path = Path(extra)
+        if path.is_dir():
+            yield from sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+        else:
+            yield path
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(_ENV_PREFIX) or name in ("SLUICE_CONFIG", _INHERITED):
+            continue
+        parts = ["sluice", *(_norm(p) for p in name[len(_ENV_PREFIX) :].split("__"))]
+        if any(not p for p in parts):
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text  # not YAML: keep the string as it is
+        _assign(tree, parts, value)
+    return tree
+
+
+def refresh(environ: Mapping[str, str] | None = None) -> None:
+    """Read the files and the environment again (``set()`` overrides are kept)."""
+    environ = os.environ if environ is None else environ
+    base = copy.deepcopy(DEFAULTS)
+    for path in _yaml_files():
+        _merge(base, _read_yaml(path))
+    _merge(base, _from_environment(environ))
+    inherited = environ.get(_INHERITED)
+    if inherited:
+        for key, value in json.loads(inherited):
+            _assign(base, _split(key), value)
+    with _lock:
+        _base.clear()
+        _base.update(base)
+
+
+def _lookup(tree: Mapping[str, Any], parts: list[str]) -> Any:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return _NOT_GIVEN
+        node = node[part]
+    return node
+
+
+def get(key: str, default: Any = _NOT_GIVEN) -> Any:
+    """The value at ``key``; ``default`` (or KeyError naming the key) if it is unset."""
+    parts = _split(key)
+    with _lock:
+        if not _base:
+            refresh()
+        value = _lookup(_base, parts)
+        for set_key, set_value in _overrides:
+            set_parts = _split(set_key)
+            if parts[: len(set_parts)] == set_parts:
+                found = _lookup({"v": set_value}, ["v", *parts[len(set_parts) :]])
+                if found is not _NOT_GIVEN:
+                    value = found
+            elif set_parts[: len(parts)] == parts and isinstance(value, dict):
+                value = copy.deepcopy(value)
+                _assign(value, set_parts[len(parts) :], set_value)
+    if value is _NOT_GIVEN:
+        if default is _NOT_GIVEN:
+            raise KeyError(f"no configuration value for {key!r}")
+        return default
+    return copy.deepcopy(value)
+
+
+class set:
+    """Override keys: ``sluice.config.set({"sluice.worker.forward-events": False})``.
+
+    Also accepts keywords with ``__`` for dots (``set(sluice__worker__nthreads=2)``).
+    Used as a context manager, the override ends with the block.
+    """
+
+    def __init__(self, arg: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        items = dict(arg or {})
+        items.update({k.replace("__", "."): v for k, v in kwargs.items()})
+        for key in items:
+            _split(key)  # reject bad keys before changing anything
+        self._items = list(items.items())
+        with _lock:
+            _overrides.extend(self._items)
+
+    def __enter__(self) -> set:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with _lock:
+            for item in self._items:
+                for i in range(len(_overrides) - 1, -1, -1):
+                    if _overrides[i] is item:
+                        del _overrides[i]
+                        break
+
+
+def child_environment() -> dict[str, str]:
+    """Environment variables that carry this process's ``set()`` overrides to a child."""
+    with _lock:
+        if not _overrides:
+            return {}
+        return {_INHERITED: json.dumps(_overrides)}
