@@ -114,6 +114,10 @@ class SchedulerState(FoldedState):
             ReleaseKeys: self._h_release_keys,
             Restart: self._h_restart,
         }
+        # Within one command that starts many independent tasks: how many in a row
+        # may go to the same worker, and which worker took the last one (see _assign).
+        self._root_run = 1
+        self._root_worker: WorkerRecord | None = None
         # Context of the handle() call in progress.
         self._now = 0.0
         self._stim = ""
@@ -248,9 +252,16 @@ class SchedulerState(FoldedState):
                     stimulus_id=stim,
                 )
             )
-        for ts in order:
-            if ts.state == WAITING:
-                self._try_start(ts)
+        independent = sum(1 for ts in order if not ts.dependencies)
+        if independent > 1 and self.workers:
+            self._root_run = -(-independent // len(self.workers))  # ceil
+        try:
+            for ts in order:
+                if ts.state == WAITING:
+                    self._try_start(ts)
+        finally:
+            self._root_run = 1
+            self._root_worker = None
 
     def _try_start(self, ts: SchedulerTask) -> None:
         """Run a waiting task whose dependencies are done, or fail it if one erred."""
@@ -268,10 +279,19 @@ class SchedulerState(FoldedState):
             self._assign(ts)
 
     def _assign(self, ts: SchedulerTask) -> None:
-        """Send a ready task to the least loaded worker.
+        """Send a ready task to a worker.
 
-        Ties go to the worker holding most of its dependencies (less data to
-        move), then to the lowest address.
+        A task with dependencies goes where most of its input data already is,
+        unless that worker is much busier than the idlest one (more than 1.5x
+        its load, plus one task per thread): moving data costs more than a
+        short wait, but piling a whole fan-out onto one worker would serialise
+        it. Then the least loaded, then the lowest address.
+
+        Independent tasks go to the least loaded worker, except that when one
+        command starts many of them they are dealt out in contiguous runs
+        (``_root_run`` each): neighbours in a graph usually meet again
+        downstream (a tree reduction adds 2i and 2i+1), and then their results
+        are already on the same worker.
         """
         workers = self.workers
         if not workers:
@@ -280,13 +300,17 @@ class SchedulerState(FoldedState):
         deps = ts.dependencies
         best: WorkerRecord | None = None
         if deps:
-            best_rank: tuple[float, int, str] = (0.0, 0, "")
+            idlest = min(len(ws.processing) / (ws.nthreads or 1) for ws in workers.values())
+            busy = 1.5 * idlest + 1
+            best_rank: tuple[int, float, str] = (0, 0.0, "")
             for ws in workers.values():
+                load = len(ws.processing) / (ws.nthreads or 1)
                 held = 0
-                for dep in deps:
-                    if ws in dep.who_has:
-                        held -= 1
-                rank = (len(ws.processing) / (ws.nthreads or 1), held, ws.address)
+                if load <= busy:
+                    for dep in deps:
+                        if ws in dep.who_has:
+                            held -= 1
+                rank = (held, load, ws.address)
                 if best is None or rank < best_rank:
                     best = ws
                     best_rank = rank
@@ -302,6 +326,15 @@ class SchedulerState(FoldedState):
                 ):
                     best = ws
                     best_load = load
+            last = self._root_worker
+            if (
+                self._root_run > 1
+                and last is not None
+                and last.address in workers
+                and len(last.processing) / (last.nthreads or 1) < best_load + self._root_run
+            ):
+                best = last
+            self._root_worker = best
         assert best is not None
         self._push(
             TaskTransition(
