@@ -341,20 +341,27 @@ class SchedulerServing:
     def _worker_events(self, worker: str, dicts: Iterable[Any]) -> None:
         """Re-stamp a worker's events into the scheduler's one sequence and publish them."""
         now = time.time()  # only for events without a time of their own
+        state = self.state
         for d in dicts:
             if not self._accepting:
                 return
+            # Stamped in the dict, before the event is built: evolving a frozen
+            # event afterwards would build it twice, for every worker transition.
+            fields = dict(d)
+            fields["seq"] = state.seq + 1
+            fields["source"] = worker
+            if not fields.get("time"):
+                fields["time"] = now
             try:
-                event = from_dict(d)
+                event = from_dict(fields)
             except (EventSchemaError, KeyError, TypeError, ValueError) as exc:
                 logger.warning("malformed event from worker %s: %s", worker, exc)
                 continue
             if isinstance(event, _STATEFUL):
                 logger.warning("worker %s forwarded a %s event; ignored", worker, event.kind)
                 continue
-            if event.source != worker:  # workers set it already; evolve is not free
-                event = attrs.evolve(event, source=worker)
-            self.bus.publish(self.state.record(event, now=now))
+            state.apply(event)
+            self.bus.publish(event)
 
     def _remove_worker(self, address: str, reason: str) -> None:
         """Forget a worker's connection and tell the state machine it is gone."""

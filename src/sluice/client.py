@@ -63,7 +63,7 @@ from sluice._client_spec import FunctionPack, replace_futures
 from sluice.comm import BatchedSend, Comm, CommClosedError, connect
 from sluice.events import Key, from_dict
 from sluice.security import Security
-from sluice.taskspec import dependencies, dumps_spec, from_dask_graph
+from sluice.taskspec import TaskSpec, dependencies, from_dask_graph
 
 if TYPE_CHECKING:
     from sluice.deploy import LocalCluster
@@ -649,7 +649,18 @@ class Client(_loop.SyncOrAsync):
         for k in flat:
             if k not in specs:
                 raise ValueError(f"key {k!r} is not in the graph")
-        tasks = {k: dumps_spec(s) for k, s in specs.items()}
+        # One FunctionPack per distinct function: a graph of thousands of tasks
+        # usually calls a handful of functions, and pickling one by value per
+        # task was most of the cost of submitting it.
+        packs: dict[int, FunctionPack] = {}
+
+        def pack(spec: TaskSpec) -> bytes:
+            fp = packs.get(id(spec.func))
+            if fp is None:
+                fp = packs[id(spec.func)] = FunctionPack(spec.func)
+            return fp.spec(spec.args, spec.kwargs)[0]
+
+        tasks = {k: pack(s) for k, s in specs.items()}
         dep_map = {k: tuple(dependencies(s)) for k, s in specs.items()}
         futures = [Future(k, self) for k in dict.fromkeys(flat)]
         try:
