@@ -49,7 +49,15 @@ def _security(
     return sec
 
 
-@click.command("scheduler", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "scheduler",
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        # The rest of the command line belongs to the click preloads.
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+    },
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option(
     "--port",
@@ -85,7 +93,19 @@ def _security(
     show_default=True,
     help="Seconds of silence after which a worker is removed.",
 )
+@click.option(
+    "--preload",
+    multiple=True,
+    help="A module, .py file, script text or pinned https URL to run at startup (repeatable).",
+)
+@click.option(
+    "--preload-strict/--no-preload-strict",
+    default=None,
+    help="Stop (non-zero exit) if a preload's setup raises; default: log it and run on.",
+)
+@click.pass_context
 def scheduler(
+    ctx: click.Context,
     host: str,
     port: int,
     scheduler_file: Path | None,
@@ -97,8 +117,14 @@ def scheduler(
     auth_token_file: str | None,
     insecure: bool,
     heartbeat_timeout: float,
+    preload: tuple[str, ...],
+    preload_strict: bool | None,
 ) -> None:
-    """Start a scheduler; run until SIGINT or SIGTERM."""
+    """Start a scheduler; run until SIGINT or SIGTERM.
+
+    Arguments after the options are given to the ``--preload`` scripts whose
+    ``sluice_setup`` is a click command (each takes the options it declares).
+    """
     from sluice._logging import configure_logging
     from sluice._tuning import tune_process
     from sluice.scheduler import Scheduler
@@ -113,6 +139,9 @@ def scheduler(
             event_log=event_log,
             heartbeat_timeout=heartbeat_timeout,
             scheduler_file=scheduler_file,
+            preload=list(preload) if preload else None,
+            preload_argv=list(ctx.args) if preload else (list(ctx.args) or None),
+            preload_strict=preload_strict,
         )
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -126,8 +155,14 @@ def scheduler(
 async def _serve(server: Any) -> str | None:
     """Run ``server`` until a signal; return a one-line startup error, if any."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        from sluice.preload import PreloadError
+
         try:
             await server.start()
+        except PreloadError as exc:
+            with anyio.CancelScope(shield=True):
+                await server.close()
+            return str(exc)
         except OSError as exc:
             with anyio.CancelScope(shield=True):
                 await server.close()

@@ -84,7 +84,15 @@ def _security(
     return sec
 
 
-@click.command("worker", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "worker",
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        # The rest of the command line belongs to the click preloads.
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+    },
+)
 @click.argument("address", required=False)
 @click.option(
     "--scheduler-file",
@@ -138,9 +146,27 @@ def _security(
     show_default=True,
     help="Seconds to keep trying to reach the scheduler.",
 )
+@click.option(
+    "--preload",
+    multiple=True,
+    help="A module, .py file, script text or pinned https URL run by each worker (repeatable).",
+)
+@click.option(
+    "--preload-nanny",
+    multiple=True,
+    help="Like --preload, for the nanny process itself (repeatable).",
+)
+@click.option(
+    "--preload-strict/--no-preload-strict",
+    default=None,
+    help="Stop (non-zero exit) if a preload's setup raises; default: log it and run on.",
+)
+@click.option("--preload-argv-json", default=None, hidden=True)
 @click.option("--nanny-fd", type=int, default=None, hidden=True)
 @click.option("--nanny-address", default=None, hidden=True)
+@click.pass_context
 def worker(
+    ctx: click.Context,
     address: str | None,
     scheduler_file: Path | None,
     nthreads: int,
@@ -157,10 +183,19 @@ def worker(
     forward_events: bool,
     insecure: bool,
     connect_timeout: float,
+    preload: tuple[str, ...],
+    preload_nanny: tuple[str, ...],
+    preload_strict: bool | None,
+    preload_argv_json: str | None,
     nanny_fd: int | None,
     nanny_address: str | None,
 ) -> None:
-    """Start workers for the scheduler at ADDRESS; run until SIGINT or SIGTERM."""
+    """Start workers for the scheduler at ADDRESS; run until SIGINT or SIGTERM.
+
+    Arguments after the options are given to the ``--preload`` (and
+    ``--preload-nanny``) scripts whose ``sluice_setup`` is a click command; each
+    takes the options it declares.
+    """
     from sluice._logging import configure_logging
     from sluice._tuning import tune_process
     from sluice.comm import parse_address
@@ -174,6 +209,11 @@ def worker(
     if port and nworkers > 1:
         raise click.UsageError("--port needs --nworkers 1 (the workers would share the port)")
     security = _security(tls_ca_file, tls_cert, tls_key, auth_token_file)
+    worker_argv, nanny_argv = _preload_argv(
+        list(ctx.args), preload, preload_nanny if nanny else (), preload_argv_json
+    )
+    if preload_nanny and not nanny:
+        raise click.UsageError("--preload-nanny needs --nanny")
     tune_process()
 
     def make(i: int) -> Any:
@@ -192,6 +232,11 @@ def worker(
                 insecure=insecure,
                 log_format=log_format,
                 connect_timeout=connect_timeout,
+                preload=list(preload) if preload else None,
+                preload_argv=worker_argv,
+                preload_nanny=list(preload_nanny) if preload_nanny else None,
+                preload_nanny_argv=nanny_argv,
+                preload_strict=preload_strict,
             )
         from sluice.worker import Worker
 
@@ -206,10 +251,57 @@ def worker(
             nanny=nanny_address,
             connect_timeout=connect_timeout,
             insecure=insecure,
+            preload=list(preload) if preload else None,
+            preload_argv=worker_argv,
+            preload_strict=preload_strict,
         )
 
+    # A bad preload fails in make(0), before any server opens a port.
     code = anyio.run(_serve, make, nworkers, nanny_fd)
     raise SystemExit(code)
+
+
+def _preload_argv(
+    extra: list[str],
+    preload: tuple[str, ...],
+    preload_nanny: tuple[str, ...],
+    argv_json: str | None,
+) -> tuple[Any, Any]:
+    """Split the extra arguments between the worker's and the nanny's click preloads."""
+    from sluice.preload import PreloadError, _option_names, load_preloads
+
+    if argv_json is not None:  # from our nanny: exactly what its constructor was given
+        return json.loads(argv_json), None
+    if not preload_nanny:
+        return (extra if preload or extra else None), None
+    # Options the nanny's preloads declare go to them; the rest to the worker's.
+    try:
+        nanny_loaded = load_preloads(list(preload_nanny))
+    except PreloadError as exc:
+        raise click.ClickException(str(exc)) from None
+    declared: set[str] = set()
+    flags: set[str] = set()
+    for p in nanny_loaded:
+        if p.command is not None:
+            for name, opt in _option_names(p.command).items():
+                declared.add(name)
+                if opt.is_flag or opt.count:
+                    flags.add(name)
+    worker_args: list[str] = []
+    nanny_args: list[str] = []
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        name = token.partition("=")[0]
+        i += 1
+        if name in declared:
+            nanny_args.append(token)
+            if "=" not in token and name not in flags and i < len(extra):
+                nanny_args.append(extra[i])
+                i += 1
+        else:
+            worker_args.append(token)
+    return worker_args, nanny_args
 
 
 _EXIT_CODES = {"scheduler-lost": 1, "nanny-lost": 1}

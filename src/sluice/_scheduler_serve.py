@@ -178,6 +178,7 @@ class SchedulerServing:
     _exceptions: dict[Key, bytes]
     _handle: Callable[[Command], None]
     _spawn: Callable[..., None]
+    log_event: Callable[[str, Any], None]
 
     def _init_serving(self) -> None:
         self._worker_conns: dict[str, WorkerConn] = {}
@@ -496,6 +497,10 @@ class SchedulerServing:
                     self._subscribe_events(conn, msg.get("since"), msg.get("kinds"))
                 elif op == "unsubscribe-events":
                     self._unsubscribe_events(conn)
+                elif op == "log-event":
+                    self.log_event(str(msg["topic"]), msg.get("msg"))
+                    if rid is not None:
+                        conn.send(_reply(rid))
                 elif op == "close-client":
                     self._drop_client(conn)
                     return False

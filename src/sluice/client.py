@@ -32,7 +32,7 @@ import threading
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -121,7 +121,15 @@ class Client(_loop.SyncOrAsync):
         security: Security | None = None,
         timeout: float = 10.0,
         name: str | None = None,
+        preload: str | Sequence[str] | None = None,
+        preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        preload_strict: bool | None = None,
     ) -> None:
+        from sluice.preload import from_config, load_preloads, strict_from_config
+
+        # Imported (and their arguments parsed) before connecting.
+        self.preloads = load_preloads(*from_config("client", preload, preload_argv))
+        self.preload_strict = strict_from_config("client", preload_strict)
         hexid = uuid.uuid4().hex[:12]
         self.id = f"client-{name}-{hexid}" if name else f"client-{hexid}"
         self.name = name
@@ -225,6 +233,14 @@ class Client(_loop.SyncOrAsync):
             self._scheduler_address = info.get("address") or address
         _current = weakref.ref(self)
         logger.debug("%s connected to %s", self.id, self._scheduler_address)
+        if self.preloads:
+            from sluice.preload import setup_preloads
+
+            try:
+                await setup_preloads(self.preloads, self, strict=self.preload_strict)
+            except BaseException:
+                await self._close()
+                raise
 
     async def _background(self, started: anyio.Event) -> None:
         assert self._stopped is not None and self._bsend is not None
@@ -309,6 +325,10 @@ class Client(_loop.SyncOrAsync):
             if self.status == "created":
                 self.status = "closed"
             return
+        if self.preloads and self.status == "running":
+            from sluice.preload import teardown_preloads
+
+            await teardown_preloads(self.preloads, self)
         self.status = "closing"
         for stream in list(self._streams):
             stream._deliver(None)
@@ -735,6 +755,13 @@ class Client(_loop.SyncOrAsync):
         for state in list(self._states.values()):
             if state.status != "cancelled":
                 state.cancel("the cluster restarted")
+
+    def log_event(self, topic: str, msg: Any) -> Any:
+        """Record a ``UserEvent`` on ``topic`` on the scheduler's bus (``msg`` JSON-safe)."""
+        return self._sync(self._log_event, topic, msg)
+
+    async def _log_event(self, topic: str, msg: Any) -> None:
+        await self._request("log-event", topic=topic, msg=msg)
 
     def events(self, kinds: Iterable[str] | None = None, since: int | None = None) -> EventStream:
         """A live stream of the scheduler's events (an async iterator in async mode).

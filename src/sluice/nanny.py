@@ -36,12 +36,14 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -49,6 +51,15 @@ import anyio
 import anyio.abc
 
 from sluice.comm import Comm, CommClosedError, connect, parse_address
+from sluice.preload import (
+    Preload,
+    from_config,
+    load_preloads,
+    normalize,
+    setup_preloads,
+    strict_from_config,
+    teardown_preloads,
+)
 from sluice.security import Security
 from sluice.worker import EXIT_RESTART
 
@@ -84,8 +95,24 @@ class Nanny:
         log_format: str = "console",
         connect_timeout: float = 10.0,
         terminate_timeout: float = 5.0,
+        preload: str | Sequence[str] | None = None,
+        preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        preload_nanny: str | Sequence[str] | None = None,
+        preload_nanny_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        preload_strict: bool | None = None,
     ) -> None:
         parse_address(scheduler_address)
+        #: The worker's preloads, handed to each child (None: the child reads its config).
+        self.worker_preload = normalize(preload) if preload is not None else None
+        self.worker_preload_argv = preload_argv
+        # The worker's are imported here too: a bad one fails before any child starts.
+        if self.worker_preload or preload_argv:
+            load_preloads(*from_config("worker", preload, preload_argv))
+        values, argv = from_config("nanny", preload_nanny, preload_nanny_argv)
+        #: The nanny's own preloads, run around the nanny's life.
+        self.preloads: list[Preload] = load_preloads(values, argv)
+        self.preload_strict_arg = preload_strict
+        self.preload_strict = strict_from_config("nanny", preload_strict)
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.name = name
@@ -145,6 +172,8 @@ class Nanny:
         self._comm = comm
         self.address = comm.local
         try:
+            # Before the worker starts and the nanny registers.
+            await setup_preloads(self.preloads, self, strict=self.preload_strict)
             await self._spawn()
             await self._register(wait=True)
         except BaseException:
@@ -205,6 +234,7 @@ class Nanny:
                     await result
             except Exception:
                 logger.exception("teardown of nanny plugin %r failed", name)
+        await teardown_preloads(self.preloads, self)
         if self._comm is not None:
             await self._comm.aclose()
 
@@ -236,6 +266,12 @@ class Nanny:
             cmd.append("--no-forward-events")
         if self.insecure:
             cmd.append("--insecure")
+        for preload in self.worker_preload or ():
+            cmd += ["--preload", preload]
+        if self.worker_preload_argv:
+            cmd += ["--preload-argv-json", json.dumps(list(self.worker_preload_argv))]
+        if self.preload_strict_arg is not None:
+            cmd.append("--preload-strict" if self.preload_strict_arg else "--no-preload-strict")
         sec = self.security
         if sec is not None:
             for option, value in (
@@ -250,7 +286,10 @@ class Nanny:
     async def _spawn(self) -> None:
         """Start a child and wait until its worker is registered (it sends its address)."""
         ours, theirs = socket.socketpair()
+        from sluice.config import child_environment
+
         env = dict(os.environ)
+        env.update(child_environment())  # sluice.config.set() reaches the worker
         env.pop(TOKEN_ENV, None)
         if self.security is not None and self.security.auth_token is not None:
             env[TOKEN_ENV] = self.security.auth_token.hex()

@@ -70,6 +70,14 @@ from sluice.events import (
     UserEvent,
 )
 from sluice.plugin import SchedulerPlugin
+from sluice.preload import (
+    Preload,
+    from_config,
+    load_preloads,
+    setup_preloads,
+    strict_from_config,
+    teardown_preloads,
+)
 from sluice.security import Security
 
 __all__ = ("Scheduler",)
@@ -99,6 +107,9 @@ class Scheduler(SchedulerServing):
         heartbeat_timeout: float = 10.0,
         scheduler_file: str | os.PathLike[str] | None = None,
         plugins: Sequence[SchedulerPlugin] = (),
+        preload: str | Sequence[str] | None = None,
+        preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        preload_strict: bool | None = None,
     ) -> None:
         secured = security is not None and (security.tls or security.auth_token is not None)
         if not is_loopback(host) and not secured and not insecure:
@@ -108,6 +119,10 @@ class Scheduler(SchedulerServing):
             )
         if heartbeat_timeout <= 0:
             raise ValueError(f"heartbeat_timeout must be positive, not {heartbeat_timeout}")
+        # Imported (and their arguments parsed) now: a bad preload fails before any port.
+        values, argv = from_config("scheduler", preload, preload_argv)
+        self.preloads: list[Preload] = load_preloads(values, argv)
+        self.preload_strict = strict_from_config("scheduler", preload_strict)
         self.host = host
         self.port = port
         self.security = security
@@ -204,6 +219,14 @@ class Scheduler(SchedulerServing):
             raise OSError(exc.errno, f"cannot listen on {host}:{self.port}: {why}") from None
         self.address = self._listener.address
         self.bus.address = self.address
+        # Before the bus runs and before any peer is served: what setup adds sees seq 1.
+        try:
+            await setup_preloads(self.preloads, self, strict=self.preload_strict)
+        except BaseException:
+            self._closing = True
+            with anyio.CancelScope(shield=True):
+                await self._listener.aclose()
+            raise
         self._runner = asyncio.get_running_loop().create_task(
             self._run(), name=f"sluice-scheduler-{self.address}"
         )
@@ -270,6 +293,7 @@ class Scheduler(SchedulerServing):
             self._record(SchedulerClosing(address=self.address))
             for name, plugin in list(self.plugins.items()):
                 await self._call_plugin(name, plugin, "close")
+            await teardown_preloads(self.preloads, self)  # before the bus is drained
             self._stop.set()
             await self._done.wait()
             self._remove_scheduler_file()

@@ -37,7 +37,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -86,7 +86,15 @@ from sluice.comm import (
     listen,
     parse_address,
 )
-from sluice.events import Event, Key, TaskTransition
+from sluice.events import Event, Key, TaskTransition, UserEvent
+from sluice.preload import (
+    Preload,
+    from_config,
+    load_preloads,
+    setup_preloads,
+    strict_from_config,
+    teardown_preloads,
+)
 from sluice.security import Security
 
 __all__ = ("EXIT_RESTART", "RegistrationError", "Worker", "get_worker")
@@ -138,10 +146,17 @@ class Worker:
         heartbeat_interval: float = 1.0,
         connect_timeout: float = 10.0,
         insecure: bool = False,
+        preload: str | Sequence[str] | None = None,
+        preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        preload_strict: bool | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, not {nthreads}")
         parse_address(scheduler_address)  # a bad address fails here, with its text
+        # Imported (and their arguments parsed) now: a bad preload fails before any port.
+        values, argv = from_config("worker", preload, preload_argv)
+        self.preloads: list[Preload] = load_preloads(values, argv)
+        self.preload_strict = strict_from_config("worker", preload_strict)
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.name: str = name or ""
@@ -228,6 +243,8 @@ class Worker:
                 self.name = self.name or self.address
                 self.state = WorkerState(self.address, self.nthreads)
                 self.bus.address = self.address
+                # Set up before registering: what setup adds sees every event.
+                await setup_preloads(self.preloads, self, strict=self.preload_strict)
                 await self._register(comm)
             except BaseException:
                 await comm.aclose()
@@ -346,6 +363,7 @@ class Worker:
                     await result
             except Exception:
                 logger.exception("teardown of worker plugin %r failed", name)
+        await teardown_preloads(self.preloads, self)  # before the bus is drained
         self._flush_forward()
         assert self._batched is not None and self._comm is not None
         with anyio.move_on_after(5):
@@ -400,6 +418,10 @@ class Worker:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Publish a ``UserEvent`` on ``topic`` on this worker's bus (forwarded as usual)."""
+        self.bus.publish(self._stamp(UserEvent(topic=topic, msg=msg, time=time.time())))
 
     def add_sink(self, sink: Any, **options: Any) -> Any:
         """Subscribe a sink to this worker's bus; returns the subscription."""
