@@ -329,6 +329,20 @@ async def test_forwarding_can_be_turned_off(scheduler: FakeScheduler) -> None:
         assert any(isinstance(e, TaskTransition) for e in w.bus.history)
 
 
+async def test_forwarding_follows_the_config_key(scheduler: FakeScheduler) -> None:
+    import sluice.config
+
+    with sluice.config.set({"sluice.worker.forward-events": False}):
+        worker = Worker(scheduler.address)
+    assert worker.forward_events is False
+    async with worker as w:
+        await scheduler.send(w.address, compute("x", inc, 1))
+        with anyio.fail_after(WAIT):
+            await scheduler.wait_for(finished("x"))
+        assert not scheduler.op("worker-events")
+    assert Worker(scheduler.address).forward_events is True  # the default, once unset
+
+
 def who_am_i() -> str:
     return get_worker().address
 

@@ -134,9 +134,9 @@ def _security(
 @click.option("--auth-token-file", default=None, help="File holding the cluster's shared token.")
 @click.option(
     "--forward-events/--no-forward-events",
-    default=True,
-    show_default=True,
-    help="Send this worker's transition events to the scheduler's bus.",
+    default=None,
+    help="Send this worker's transition events to the scheduler's bus"
+    " [default: config sluice.worker.forward-events, true].",
 )
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without TLS or token.")
 @click.option(
@@ -180,7 +180,7 @@ def worker(
     tls_cert: str | None,
     tls_key: str | None,
     auth_token_file: str | None,
-    forward_events: bool,
+    forward_events: bool | None,
     insecure: bool,
     connect_timeout: float,
     preload: tuple[str, ...],

@@ -90,7 +90,7 @@ class Nanny:
         host: str = "127.0.0.1",
         security: Security | None = None,
         worker_port: int = 0,
-        forward_events: bool = True,
+        forward_events: bool | None = None,
         insecure: bool = False,
         log_format: str = "console",
         connect_timeout: float = 10.0,
@@ -262,8 +262,9 @@ class Nanny:
         ]
         if self.name is not None:
             cmd += ["--name", self.name]
-        if not self.forward_events:
-            cmd.append("--no-forward-events")
+        if self.forward_events is not None:
+            # Unset: the child reads sluice.worker.forward-events from its config.
+            cmd.append("--forward-events" if self.forward_events else "--no-forward-events")
         if self.insecure:
             cmd.append("--insecure")
         for preload in self.worker_preload or ():

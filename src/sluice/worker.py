@@ -47,6 +47,7 @@ import anyio.to_thread
 import attrs
 import cloudpickle
 
+from sluice import config
 from sluice._core.messages import (
     ComputeTaskMsg,
     FreeKeysMsg,
@@ -141,7 +142,7 @@ class Worker:
         host: str = "127.0.0.1",
         port: int = 0,
         security: Security | None = None,
-        forward_events: bool = True,
+        forward_events: bool | None = None,
         nanny: str | None = None,
         heartbeat_interval: float = 1.0,
         connect_timeout: float = 10.0,
@@ -163,6 +164,8 @@ class Worker:
         self.host = host
         self.port = port
         self.security = security
+        if forward_events is None:
+            forward_events = bool(config.get("sluice.worker.forward-events"))
         self.forward_events = forward_events
         self.nanny = nanny
         self.heartbeat_interval = heartbeat_interval
