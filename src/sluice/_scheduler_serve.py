@@ -18,7 +18,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -100,6 +100,9 @@ class _Peer:
     def __init__(self, comm: Comm, bs: BatchedSend) -> None:
         self.comm = comm
         self.bs = bs
+        self.address = ""
+        #: rids of requests (``run``, ``plugin-add``...) this peer has not answered yet.
+        self.waiting: set[int] = set()
 
     def send(self, *msgs: dict[str, Any]) -> None:
         try:
@@ -119,8 +122,6 @@ class WorkerConn(_Peer):
         self.name = name
         self.nanny = nanny
         self.last_seen = time.monotonic()
-        #: rids of ``run`` requests this worker has not answered yet.
-        self.waiting: set[int] = set()
 
 
 class ClientConn(_Peer):
@@ -179,6 +180,8 @@ class SchedulerServing:
     _handle: Callable[[Command], None]
     _spawn: Callable[..., None]
     log_event: Callable[[str, Any], None]
+    register_plugin: Callable[..., Awaitable[None]]
+    unregister_plugin: Callable[[str], Awaitable[None]]
 
     def _init_serving(self) -> None:
         self._worker_conns: dict[str, WorkerConn] = {}
@@ -186,6 +189,10 @@ class SchedulerServing:
         self._nanny_conns: dict[str, NannyConn] = {}
         self._rids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
+        #: Worker and nanny plugins registered by clients: name -> pickled plugin,
+        #: sent to every peer that registers later.
+        self._worker_plugins: dict[str, bytes] = {}
+        self._nanny_plugins: dict[str, bytes] = {}
 
     # -- every connection ----------------------------------------------------------------
 
@@ -256,6 +263,9 @@ class SchedulerServing:
         conn = WorkerConn(address, str(name), msg.get("nanny"), comm, bs)
         self._worker_conns[address] = conn
         bs.send(_reply(rid, {"scheduler": self.address, "run_id": self.bus.run_id}))
+        # Before AddWorker: the plugins are set up before the worker's first task.
+        for pname, data in self._worker_plugins.items():
+            bs.send({"op": "plugin-add", "name": pname, "plugin": data})
         self._handle(
             AddWorker(
                 worker=address,
@@ -311,7 +321,7 @@ class SchedulerServing:
                 elif op == "heartbeat":
                     continue  # last_seen was updated for the whole frame
                 elif op == "reply":
-                    self._run_answered(conn, msg)
+                    self._answered(conn, msg)
                 elif msg.get("rid") is not None:
                     conn.send(_error(msg["rid"], f"unknown operation {op!r}"))
                 else:
@@ -373,14 +383,17 @@ class SchedulerServing:
         self._handle(
             RemoveWorker(worker=address, reason=reason, stimulus_id=_stimulus("remove-worker"))
         )
+        self._fail_waiters(conn, f"worker {address} left before answering ({reason})")
+        if not conn.comm.closed:
+            self._spawn(conn.comm.aclose)
+
+    def _fail_waiters(self, conn: _Peer, text: str) -> None:
         for rid in conn.waiting:
             waiter = self._waiters.pop(rid, None)
             if waiter is not None:
-                waiter.reply = _error(rid, f"worker {address} left before answering ({reason})")
+                waiter.reply = _error(rid, text)
                 waiter.done.set()
         conn.waiting.clear()
-        if not conn.comm.closed:
-            self._spawn(conn.comm.aclose)
 
     def _check_heartbeats(self, timeout: float) -> None:
         now = time.monotonic()
@@ -398,20 +411,31 @@ class SchedulerServing:
         conn = NannyConn(address, comm, bs)
         old = self._nanny_conns.get(address)
         self._nanny_conns[address] = conn
+        plugins_sent = False
         try:
             msgs = [msg, *rest]
             while True:
                 for m in msgs:
                     op = m.get("op")
                     if op == "register-nanny":
-                        conn.worker = m.get("worker") or conn.worker
+                        before, conn.worker = conn.worker, m.get("worker") or conn.worker
+                        if before is not None and before != conn.worker:
+                            # Its nanny replaced that worker: it is gone.
+                            self._remove_worker(before, "restarted by its nanny")
                         if m.get("rid") is not None:
                             conn.send(_reply(m["rid"]))
+                        if not plugins_sent:
+                            # After the reply: the nanny sets them up once it runs.
+                            plugins_sent = True
+                            for pname, data in self._nanny_plugins.items():
+                                conn.send({"op": "plugin-add", "name": pname, "plugin": data})
                     elif op == "worker-died":
                         worker = m.get("worker")
                         if isinstance(worker, str):
                             code = m.get("exitcode")
                             self._remove_worker(worker, f"worker died (exit code {code})")
+                    elif op == "reply":
+                        self._answered(conn, m)
                     elif m.get("rid") is not None:
                         conn.send(_error(m["rid"], f"unknown operation {op!r}"))
                     else:
@@ -420,6 +444,7 @@ class SchedulerServing:
         except CommClosedError:
             pass
         finally:
+            self._fail_waiters(conn, f"nanny {address} left before answering")
             if self._nanny_conns.get(address) is conn:
                 if old is not None:
                     self._nanny_conns[address] = old
@@ -497,6 +522,14 @@ class SchedulerServing:
                     self._subscribe_events(conn, msg.get("since"), msg.get("kinds"))
                 elif op == "unsubscribe-events":
                     self._unsubscribe_events(conn)
+                elif op == "register-scheduler-plugin":
+                    tg.start_soon(self._register_scheduler_plugin, conn, msg)
+                elif op == "unregister-scheduler-plugin":
+                    tg.start_soon(self._unregister_scheduler_plugin, conn, msg)
+                elif op == "register-worker-plugin":
+                    tg.start_soon(self._register_worker_plugin, conn, msg)
+                elif op == "unregister-worker-plugin":
+                    tg.start_soon(self._unregister_worker_plugin, conn, msg)
                 elif op == "log-event":
                     self.log_event(str(msg["topic"]), msg.get("msg"))
                     if rid is not None:
@@ -586,10 +619,7 @@ class SchedulerServing:
         waiters: dict[str, _Waiter] = {}
         for address in addresses:
             worker = self._worker_conns[address]
-            wrid = next(self._rids)
-            waiters[address] = self._waiters[wrid] = _Waiter(address)
-            worker.waiting.add(wrid)
-            worker.send({"op": "run", "rid": wrid, "function": msg["function"]})
+            waiters[address] = self._ask(worker, {"op": "run", "function": msg["function"]})
         results: dict[str, Any] = {}
         for address, waiter in waiters.items():
             await waiter.done.wait()
@@ -601,7 +631,90 @@ class SchedulerServing:
             results[address] = answer.get("result")
         conn.send(_reply(rid, results))
 
-    def _run_answered(self, conn: WorkerConn, msg: dict[str, Any]) -> None:
+    def _ask(self, peer: _Peer, msg: dict[str, Any]) -> _Waiter:
+        """Send a request to a worker or nanny; the waiter is set when it answers."""
+        rid = next(self._rids)
+        waiter = self._waiters[rid] = _Waiter(peer.address)
+        peer.waiting.add(rid)
+        peer.send({**msg, "rid": rid})
+        return waiter
+
+    async def _ask_all(
+        self, peers: Sequence[_Peer], msg: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Send ``msg`` to every peer; {address: its reply}."""
+        waiters = [self._ask(peer, msg) for peer in peers]
+        answers: dict[str, dict[str, Any]] = {}
+        for waiter in waiters:
+            await waiter.done.wait()
+            answers[waiter.worker] = waiter.reply or {}
+        return answers
+
+    # -- plugins -----------------------------------------------------------------------
+
+    async def _register_scheduler_plugin(self, conn: ClientConn, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        try:
+            plugin = cloudpickle.loads(msg["plugin"])
+            await self.register_plugin(
+                plugin, name=msg.get("name"), idempotent=bool(msg.get("idempotent"))
+            )
+            reply = _reply(rid)
+        except Exception as exc:
+            reply = _exc_reply(rid, exc)
+        conn.send(reply)
+
+    async def _unregister_scheduler_plugin(self, conn: ClientConn, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        try:
+            await self.unregister_plugin(str(msg["name"]))
+            reply = _reply(rid)
+        except Exception as exc:
+            reply = _exc_reply(rid, exc)
+        conn.send(reply)
+
+    def _plugin_peers(self, nanny: bool) -> tuple[dict[str, bytes], list[_Peer]]:
+        if nanny:
+            return self._nanny_plugins, list(self._nanny_conns.values())
+        return self._worker_plugins, list(self._worker_conns.values())
+
+    async def _register_worker_plugin(self, conn: ClientConn, msg: dict[str, Any]) -> None:
+        """Store a worker (or nanny) plugin and set it up on every current peer."""
+        rid = msg.get("rid")
+        name = str(msg["name"])
+        store, peers = self._plugin_peers(bool(msg.get("nanny")))
+        if name in store and msg.get("idempotent"):
+            conn.send(_reply(rid))
+            return
+        store[name] = msg["plugin"]
+        answers = await self._ask_all(
+            peers, {"op": "plugin-add", "name": name, "plugin": msg["plugin"]}
+        )
+        conn.send(self._gathered(rid, answers))
+
+    async def _unregister_worker_plugin(self, conn: ClientConn, msg: dict[str, Any]) -> None:
+        """Forget a worker (or nanny) plugin; every current peer tears it down."""
+        rid = msg.get("rid")
+        name = str(msg["name"])
+        nanny = bool(msg.get("nanny"))
+        store, peers = self._plugin_peers(nanny)
+        if store.pop(name, None) is None:
+            kind = "nanny" if nanny else "worker"
+            conn.send(_exc_reply(rid, ValueError(f"no {kind} plugin named {name!r}")))
+            return
+        answers = await self._ask_all(peers, {"op": "plugin-remove", "name": name})
+        conn.send(self._gathered(rid, answers))
+
+    @staticmethod
+    def _gathered(rid: Any, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One reply for many: the first failure (with its exception), else ``None``."""
+        for address, answer in answers.items():
+            if not answer.get("ok"):
+                text = f"on {address}: {answer.get('error')}"
+                return _error(rid, text, answer.get("exception"))
+        return _reply(rid)
+
+    def _answered(self, conn: _Peer, msg: dict[str, Any]) -> None:
         rid = msg.get("rid")
         if not isinstance(rid, int):
             return

@@ -31,8 +31,10 @@ __all__ = (
     "ConnectionPool",
     "TaskOutcome",
     "dumps_exception",
+    "error_reply",
     "format_traceback",
     "get_worker",
+    "ok_reply",
     "run_task",
     "sizeof",
     "worker_context",
@@ -213,3 +215,17 @@ class ConnectionPool:
         for comms in idle.values():
             for comm in comms:
                 await comm.aclose()
+
+
+def ok_reply(rid: Any, result: Any = None) -> dict[str, Any]:
+    return {"op": "reply", "rid": rid, "ok": True, "result": result}
+
+
+def error_reply(rid: Any, exc: BaseException) -> dict[str, Any]:
+    return {
+        "op": "reply",
+        "rid": rid,
+        "ok": False,
+        "error": f"{type(exc).__name__}: {exc}",
+        "exception": dumps_exception(exc),
+    }

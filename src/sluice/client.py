@@ -59,6 +59,7 @@ from sluice._client_futures import (
     as_completed,
     wait,
 )
+from sluice._client_plugins import ClientPlugins
 from sluice._client_spec import FunctionPack, replace_futures
 from sluice.comm import BatchedSend, Comm, CommClosedError, connect
 from sluice.events import Key, from_dict
@@ -103,7 +104,7 @@ class _Pending:
         self.callback = callback
 
 
-class Client(_loop.SyncOrAsync):
+class Client(ClientPlugins, _loop.SyncOrAsync):
     """Connect to a sluice scheduler (or start a :class:`LocalCluster`) and run tasks.
 
     ``address`` is ``"tcp://host:port"``, a :class:`~sluice.deploy.LocalCluster`, or

@@ -49,7 +49,9 @@ from typing import Any, Final, Self
 
 import anyio
 import anyio.abc
+import cloudpickle
 
+from sluice._worker_exec import dumps_exception
 from sluice.comm import Comm, CommClosedError, connect, parse_address
 from sluice.preload import (
     Preload,
@@ -137,6 +139,8 @@ class Nanny:
         self._lifeline: socket.socket | None = None
         self._comm: Comm | None = None
         self._rids = itertools.count(1)
+        #: What came in the frame of the first registration's reply, after it.
+        self._early: list[dict[str, Any]] = []
         self._lock = anyio.Lock()
         self._restarting = False
         self._tg: anyio.abc.TaskGroup | None = None
@@ -416,13 +420,16 @@ class Nanny:
         await self._comm.send(msg)
         with anyio.fail_after(self.connect_timeout):
             while True:
-                for reply in await self._comm.recv():
+                frame = await self._comm.recv()
+                for i, reply in enumerate(frame):
                     if reply.get("op") == "reply" and reply.get("rid") == rid:
                         if not reply.get("ok"):
                             raise RuntimeError(
                                 f"the scheduler refused the nanny: {reply.get('error')}"
                             )
+                        self._early.extend(frame[i + 1 :])
                         return
+                    self._early.append(reply)
 
     def _send(self, msg: dict[str, Any]) -> None:
         """Send without waiting for the write in the caller (rare, small messages)."""
@@ -439,8 +446,9 @@ class Nanny:
     async def _read_scheduler(self) -> None:
         assert self._comm is not None
         try:
+            frame, self._early = self._early, []
             while True:
-                for msg in await self._comm.recv():
+                for msg in frame:
                     op = msg.get("op")
                     if op == "close":
                         logger.info("the scheduler closes the nanny: %s", msg.get("reason"))
@@ -448,12 +456,74 @@ class Nanny:
                     elif op == "reply":
                         if not msg.get("ok"):
                             logger.warning("the scheduler answered: %s", msg.get("error"))
+                    elif op == "plugin-add" and self._tg is not None:
+                        self._tg.start_soon(
+                            self._plugin_add, msg.get("rid"), str(msg["name"]), msg["plugin"]
+                        )
+                    elif op == "plugin-remove" and self._tg is not None:
+                        self._tg.start_soon(self._plugin_remove, msg.get("rid"), str(msg["name"]))
                     else:
                         logger.debug("nanny ignores %r from the scheduler", op)
+                frame = await self._comm.recv()
         except CommClosedError:
             if not self._stop.is_set():
                 logger.warning("nanny lost the scheduler %s; closing", self.scheduler_address)
             self._request_close("scheduler-lost")
+
+    # -- plugins registered by clients ------------------------------------------------------
+
+    async def _plugin_add(self, rid: Any, name: str, data: bytes) -> None:
+        """Teardown of a plugin of that name, setup of the new one, then maybe a restart."""
+        try:
+            plugin = cloudpickle.loads(data)
+            with contextlib.suppress(Exception):  # already logged
+                await self._plugin_teardown(name)
+            self.plugins[name] = plugin
+            try:
+                result = plugin.setup(self)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.plugins.pop(name, None)
+                raise
+            if getattr(plugin, "restart", False) and not self._stop.is_set():
+                await self.restart()
+        except Exception as exc:
+            self._plugin_answer(rid, name, exc)
+        else:
+            self._plugin_answer(rid, name, None)
+
+    async def _plugin_teardown(self, name: str) -> None:
+        plugin = self.plugins.pop(name, None)
+        if plugin is None:
+            return
+        try:
+            result = plugin.teardown(self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("teardown of nanny plugin %r failed", name)
+            raise
+
+    async def _plugin_remove(self, rid: Any, name: str) -> None:
+        try:
+            await self._plugin_teardown(name)
+        except Exception as exc:
+            self._plugin_answer(rid, name, exc)
+        else:
+            self._plugin_answer(rid, name, None)
+
+    def _plugin_answer(self, rid: Any, name: str, exc: BaseException | None) -> None:
+        """Reply to the scheduler; without a rid (a late joiner) a failure is only logged."""
+        if rid is None:
+            if exc is not None:
+                logger.error("setup of nanny plugin %r failed", name, exc_info=exc)
+            return
+        reply: dict[str, Any] = {"op": "reply", "rid": rid, "ok": exc is None, "result": None}
+        if exc is not None:
+            reply["error"] = f"{type(exc).__name__}: {exc}"
+            reply["exception"] = dumps_exception(exc)
+        self._send(reply)
 
 
 async def _read_line(sock: socket.socket) -> str:

@@ -463,8 +463,23 @@ class Scheduler(SchedulerServing):
     ) -> None:
         """:meth:`add_plugin`, then await the plugin's ``start(scheduler)``."""
         name = self._plugin_name(plugin, name)
+        taken = name in self.plugins
+        if taken and not (idempotent or getattr(plugin, "idempotent", False)):
+            # The old plugin's close() has finished before the new one starts.
+            await self.unregister_plugin(name)
         if self._install_plugin(plugin, name, idempotent) and self._started:
             await self._call_plugin(name, plugin, "start", self, raise_=True)
+
+    async def unregister_plugin(self, name: str) -> None:
+        """:meth:`remove_plugin`, awaiting the plugin's ``close()``."""
+        try:
+            plugin = self.plugins.pop(name)
+        except KeyError:
+            raise ValueError(f"no scheduler plugin named {name!r}") from None
+        self.bus.unsubscribe(f"plugin-{name}")
+        if self._started and not self._done.is_set():
+            self._record(PluginRemoved(name=name))
+            await self._call_plugin(name, plugin, "close")
 
     def remove_plugin(self, name: str) -> None:
         """Unregister the plugin ``name``; its ``close()`` is scheduled."""

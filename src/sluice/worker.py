@@ -69,12 +69,14 @@ from sluice._core.worker_state import WorkerState
 from sluice._worker_exec import (
     ConnectionPool,
     dumps_exception,
+    error_reply,
     format_traceback,
     get_worker,
     run_task,
     sizeof,
     worker_context,
 )
+from sluice._worker_plugins import WorkerPlugins
 from sluice.bus import EventBus
 from sluice.comm import (
     AuthenticationError,
@@ -120,17 +122,7 @@ def _pickle(value: Any) -> bytes:
     return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
 
 
-def _error_reply(rid: Any, exc: BaseException) -> dict[str, Any]:
-    return {
-        "op": "reply",
-        "rid": rid,
-        "ok": False,
-        "error": f"{type(exc).__name__}: {exc}",
-        "exception": dumps_exception(exc),
-    }
-
-
-class Worker:
+class Worker(WorkerPlugins):
     """Runs tasks for a scheduler and serves their results to peers and clients."""
 
     def __init__(
@@ -404,24 +396,6 @@ class Worker:
             with contextlib.suppress(CommClosedError):
                 self._batched.send({"op": "worker-events", "events": events})
 
-    def _run_plugin_transitions(self, event: Event) -> None:
-        """Call every plugin's ``transition``; one failing plugin does not skip the others."""
-        if type(event) is not TaskTransition or not self.plugins:
-            return
-        kwargs: dict[str, Any] = {"stimulus_id": event.stimulus_id}
-        for field in ("worker", "nbytes", "duration", "exception", "traceback"):
-            value = getattr(event, field)
-            if value is not None:
-                kwargs[field] = value
-        failure: Exception | None = None
-        for plugin in list(self.plugins.values()):
-            try:
-                plugin.transition(event.key, event.start, event.finish, **kwargs)
-            except Exception as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-
     def log_event(self, topic: str, msg: Any) -> None:
         """Publish a ``UserEvent`` on ``topic`` on this worker's bus (forwarded as usual)."""
         self.bus.publish(self._stamp(UserEvent(topic=topic, msg=msg, time=time.time())))
@@ -602,12 +576,12 @@ class Worker:
                     try:
                         result = self._pickled_values(msg.get("keys") or ())
                     except Exception as exc:
-                        replies.append(_error_reply(rid, exc))
+                        replies.append(error_reply(rid, exc))
                     else:
                         replies.append({"op": "reply", "rid": rid, "ok": True, "result": result})
                 elif rid is not None:
                     error = ValueError(f"unknown operation {op!r}")
-                    replies.append(_error_reply(rid, error))
+                    replies.append(error_reply(rid, error))
                 else:
                     logger.warning("ignoring %r from %s", op, comm.peer)
             if replies:
@@ -670,6 +644,11 @@ class Worker:
                 elif op == "run":
                     assert self._tg is not None
                     self._tg.start_soon(self._run_function, msg)
+                elif op == "plugin-add":
+                    self._plugin_add(msg)
+                elif op == "plugin-remove":
+                    assert self._tg is not None
+                    self._tg.start_soon(self._plugin_remove, msg.get("rid"), str(msg["name"]))
                 elif op == "close":
                     reason = msg.get("reason") or ""
                     restart = bool(msg.get("restart"))
@@ -678,7 +657,7 @@ class Worker:
                 elif op == "reply":
                     continue  # nothing the worker asks the scheduler expects an answer yet
                 elif msg.get("rid") is not None:
-                    self._to_scheduler(_error_reply(msg["rid"], ValueError(f"unknown op {op!r}")))
+                    self._to_scheduler(error_reply(msg["rid"], ValueError(f"unknown op {op!r}")))
                 else:
                     logger.warning("ignoring unknown message %r from the scheduler", op)
             except (KeyError, TypeError) as exc:
@@ -699,7 +678,7 @@ class Worker:
                 result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
             reply = {"op": "reply", "rid": rid, "ok": True, "result": _pickle(result)}
         except Exception as exc:
-            reply = _error_reply(rid, exc)
+            reply = error_reply(rid, exc)
         if rid is not None:
             self._to_scheduler(reply)
 
