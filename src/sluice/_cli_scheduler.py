@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 import click
 
+from sluice._cli_common import security_from_options
+
 __all__ = ("scheduler",)
 
 logger = logging.getLogger("sluice.cli")
@@ -31,22 +33,7 @@ def _security(
     tls_key: str | None,
     auth_token_file: str | None,
 ) -> Any:
-    from sluice.security import Security
-
-    try:
-        sec = Security.from_files(
-            tls_ca_file=tls_ca_file,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            auth_token_file=auth_token_file,
-        )
-        if sec.tls:
-            sec.server_ssl_context()  # a bad certificate or key fails now, in one line
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if not sec.tls and sec.auth_token is None:
-        return None
-    return sec
+    return security_from_options(tls_ca_file, tls_cert, tls_key, auth_token_file)
 
 
 @click.command(

@@ -24,6 +24,8 @@ from typing import Any
 import anyio
 import click
 
+from sluice._cli_common import security_from_options
+
 __all__ = ("worker",)
 
 logger = logging.getLogger("sluice.cli")
@@ -65,23 +67,15 @@ def _security(
     auth_token_file: str | None,
 ) -> Any:
     from sluice.nanny import TOKEN_ENV
-    from sluice.security import Security
 
     inherited = os.environ.pop(TOKEN_ENV, None)  # from our nanny; not for our children
-    try:
-        sec = Security.from_files(
-            tls_ca_file=tls_ca_file,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            auth_token_file=auth_token_file,
-        )
-        if inherited and sec.auth_token is None:
-            sec = Security(sec.tls_ca_file, sec.tls_cert, sec.tls_key, bytes.fromhex(inherited))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    if not sec.tls and sec.auth_token is None:
-        return None
-    return sec
+    return security_from_options(
+        tls_ca_file,
+        tls_cert,
+        tls_key,
+        auth_token_file,
+        inherited_token=bytes.fromhex(inherited) if inherited else None,
+    )
 
 
 @click.command(

@@ -126,11 +126,8 @@ class SyncOrAsync:
     status: str
     _portal: BlockingPortal | None
 
-    async def _start(self) -> None:
-        raise NotImplementedError
-
-    async def _close(self) -> None:
-        raise NotImplementedError
+    _start: Callable[[], Awaitable[None]]
+    _close: Callable[[], Awaitable[None]]
 
     def _sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run the async ``fn`` now (sync mode) or hand back its coroutine (async)."""
