@@ -195,6 +195,11 @@ class Worker(WorkerPlugins):
         self._running = anyio.Event()
         self._done = anyio.Event()
 
+    @property
+    def exceptions(self) -> dict[Key, str]:
+        """Exception text of each task that failed here (Dask's ``worker.exceptions``)."""
+        return {k: ts.exception for k, ts in self.state.tasks.items() if ts.exception is not None}
+
     def __repr__(self) -> str:
         return f"<Worker {self.address or '(not started)'} name={self.name!r}>"
 
