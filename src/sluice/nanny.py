@@ -51,13 +51,13 @@ import anyio
 import anyio.abc
 import cloudpickle
 
+from sluice import config
 from sluice._worker_exec import dumps_exception
 from sluice.comm import Comm, CommClosedError, connect, parse_address
 from sluice.preload import (
     Preload,
     from_config,
     load_preloads,
-    normalize,
     setup_preloads,
     strict_from_config,
     teardown_preloads,
@@ -104,12 +104,16 @@ class Nanny:
         preload_strict: bool | None = None,
     ) -> None:
         parse_address(scheduler_address)
-        #: The worker's preloads, handed to each child (None: the child reads its config).
-        self.worker_preload = normalize(preload) if preload is not None else None
-        self.worker_preload_argv = preload_argv
+        # The worker's preloads, handed to each child. Read from the configuration
+        # now, as the rest of the nanny's settings are: a config.set() block around
+        # the constructor may be over by the time a child starts.
+        values, worker_argv = from_config("worker", preload, preload_argv)
+        self.worker_preload: list[str] | None = values or None
+        self.worker_preload_argv = worker_argv or None
+        self._child_config = config.child_environment()
         # The worker's are imported here too: a bad one fails before any child starts.
-        if self.worker_preload or preload_argv:
-            load_preloads(*from_config("worker", preload, preload_argv))
+        if self.worker_preload or self.worker_preload_argv:
+            load_preloads(self.worker_preload or [], self.worker_preload_argv)
         values, argv = from_config("nanny", preload_nanny, preload_nanny_argv)
         #: The nanny's own preloads, run around the nanny's life.
         self.preloads: list[Preload] = load_preloads(values, argv)
@@ -291,10 +295,12 @@ class Nanny:
     async def _spawn(self) -> None:
         """Start a child and wait until its worker is registered (it sends its address)."""
         ours, theirs = socket.socketpair()
-        from sluice.config import child_environment
 
         env = dict(os.environ)
-        env.update(child_environment())  # sluice.config.set() reaches the worker
+        # sluice.config.set() reaches the worker: what was set when the nanny was made,
+        # and what is set now.
+        env.update(self._child_config)
+        env.update(config.child_environment())
         env.pop(TOKEN_ENV, None)
         if self.security is not None and self.security.auth_token is not None:
             env[TOKEN_ENV] = self.security.auth_token.hex()
