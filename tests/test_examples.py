@@ -49,6 +49,14 @@ async def test_task_state_plugin_sees_the_full_task_state() -> None:
         assert ("y", "memory", ["x"]) in plugin.seen
 
 
+@pytest.mark.anyio
+async def test_preload_forms() -> None:
+    example = runpy.run_path(str(EXAMPLES / "preload_forms.py"))
+    on_scheduler, on_worker = await example["main"]()
+    assert on_scheduler == ["a .py path", "a module name", "script text"]
+    assert on_worker == ["configuration"]
+
+
 def test_error_logger_worker_plugin(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="errors")
     example = runpy.run_path(str(EXAMPLES / "error_logger_plugin.py"))
