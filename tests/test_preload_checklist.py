@@ -6,7 +6,10 @@ docstring says so (docs/preloads.md explains why).
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+import uuid
 from textwrap import dedent
 from typing import Any
 
@@ -52,6 +55,37 @@ async def test_script_text_runs_on_scheduler_and_worker_with_teardown() -> None:
             assert w.foo == "setup"  # type: ignore[attr-defined]
         assert w.foo == "teardown"  # type: ignore[attr-defined]
     assert s.foo == "teardown"  # type: ignore[attr-defined]
+
+
+async def test_a_preload_file_is_importable_by_its_name(tmp_path: Any) -> None:
+    name = f"worker_info_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        dedent(
+            """\
+            _info = {}
+
+            def dask_setup(worker):
+                _info["address"] = worker.address
+
+            def address():
+                return _info["address"]
+            """
+        )
+    )
+
+    def check() -> str:
+        return str(importlib.import_module(name).address())
+
+    try:
+        async with (
+            Scheduler(port=0) as s,
+            Worker(s.address, preload=[str(path)]) as w,
+            Client(s.address, asynchronous=True) as c,
+        ):
+            assert await c.run(check) == {w.address: w.address}
+    finally:
+        sys.modules.pop(name, None)
 
 
 async def test_click_setup_sync_and_async() -> None:

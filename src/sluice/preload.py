@@ -33,6 +33,7 @@ import inspect
 import itertools
 import logging
 import re
+import sys
 import traceback
 import types
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import cloudpickle
 
 __all__ = (
     "Preload",
@@ -85,8 +87,10 @@ def _import_failed(label: str, exc: BaseException) -> str:
     return f"preload {label!r} failed to import: {type(exc).__name__}: {exc}"
 
 
-def _from_source(source: str, filename: str, label: str) -> types.ModuleType:
-    name = f"sluice_preload_{next(_ids)}"
+def _from_source(
+    source: str, filename: str, label: str, name: str | None = None
+) -> types.ModuleType:
+    name = name or f"sluice_preload_{next(_ids)}"
     module = types.ModuleType(name)
     module.__file__ = filename
     try:
@@ -144,7 +148,15 @@ def _import(value: str) -> types.ModuleType:
             raise PreloadError(f"preload {label!r}: no such file {str(path.resolve())!r}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PreloadError(f"preload {label!r}: cannot read it: {exc}") from None
-        return _from_source(source, str(path.resolve()), label)
+        # As in Dask, the file is importable by its name afterwards (a task on a
+        # worker may `import worker_info`), and cloudpickle ships what it defines
+        # by value, since other processes cannot import it.
+        name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else None
+        module = _from_source(source, str(path.resolve()), label, name)
+        if name is not None:
+            sys.modules[name] = module
+            cloudpickle.register_pickle_by_value(module)
+        return module
     try:
         return importlib.import_module(value)
     except SyntaxError as exc:
