@@ -20,9 +20,26 @@ import cloudpickle
 from sluice._worker_exec import error_reply, ok_reply
 from sluice.events import Event, TaskTransition
 
-__all__ = ("WorkerPlugins",)
+__all__ = ("WorkerPlugins", "teardown_plugin")
 
 logger = logging.getLogger("sluice.worker")
+
+
+async def teardown_plugin(plugins: dict[str, Any], name: str, owner: Any, kind: str) -> None:
+    """Forget plugin ``name`` and call its ``teardown(owner)``; a failure is logged, then raised.
+
+    Shared by workers and nannies, whose plugins are torn down the same way.
+    """
+    plugin = plugins.pop(name, None)
+    if plugin is None:
+        return
+    try:
+        result = plugin.teardown(owner)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("teardown of %s plugin %r failed", kind, name)
+        raise
 
 
 class WorkerPlugins:
@@ -101,16 +118,7 @@ class WorkerPlugins:
             await self._plugin_setup_done(rid, name, pending)
 
     async def _plugin_teardown(self, name: str) -> None:
-        plugin = self.plugins.pop(name, None)
-        if plugin is None:
-            return
-        try:
-            result = plugin.teardown(self)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("teardown of worker plugin %r failed", name)
-            raise
+        await teardown_plugin(self.plugins, name, self, "worker")
 
     async def _plugin_remove(self, rid: Any, name: str) -> None:
         """``plugin-remove``: teardown, then forget it."""

@@ -53,6 +53,7 @@ import cloudpickle
 
 from sluice import config
 from sluice._worker_exec import dumps_exception
+from sluice._worker_plugins import teardown_plugin
 from sluice.comm import Comm, CommClosedError, connect, parse_address
 from sluice.preload import (
     Preload,
@@ -500,16 +501,7 @@ class Nanny:
             self._plugin_answer(rid, name, None)
 
     async def _plugin_teardown(self, name: str) -> None:
-        plugin = self.plugins.pop(name, None)
-        if plugin is None:
-            return
-        try:
-            result = plugin.teardown(self)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("teardown of nanny plugin %r failed", name)
-            raise
+        await teardown_plugin(self.plugins, name, self, "nanny")
 
     async def _plugin_remove(self, rid: Any, name: str) -> None:
         try:

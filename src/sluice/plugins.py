@@ -14,6 +14,7 @@ same thing twice replaces it (or, for the idempotent installers, is a no-op).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import hashlib
@@ -100,7 +101,7 @@ def _install(tool: str, command: list[str]) -> None:
         raise RuntimeError(f"{tool} install failed: {last}")
 
 
-class _InstallPlugin(WorkerPlugin):
+class _InstallPlugin(WorkerPlugin, abc.ABC):
     """Shared by the installers: run a command in a thread, maybe restart the worker."""
 
     idempotent = True
@@ -109,8 +110,9 @@ class _InstallPlugin(WorkerPlugin):
     packages: list[str]
     restart_workers: bool
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The install command line."""
 
     def check(self) -> None:
         """Raise if the installer cannot run here."""
