@@ -1,0 +1,138 @@
+"""``sluice replay LOG``: what a recorded run did, read back from its event log.
+
+A summary of the run (events by kind, the scheduler's final task states, the
+workers, the failures), the state at any seq (``--at``), one key's story
+(``--key``), as tables or as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ("replay",)
+
+
+def _parse_key(text: str) -> Any:
+    """A key as typed: JSON for tuple keys (``'["x", 1]'``), else the string itself."""
+    if text.startswith("["):
+        from sluice.events import to_key
+
+        try:
+            return to_key(json.loads(text))
+        except ValueError:
+            raise click.BadParameter(f"not a JSON list: {text}") from None
+    return text
+
+
+def _summary(events: list[Any], state: Any, header: dict[str, Any]) -> dict[str, Any]:
+    kinds = collections.Counter(e.kind for e in events)
+    task_states = collections.Counter(ts.state for ts in state.tasks.values())
+    errors = [
+        {"key": ts.key, "exception": ts.exception}
+        for ts in state.tasks.values()
+        if ts.state == "erred"
+    ]
+    return {
+        "run_id": header.get("run_id"),
+        "address": header.get("address"),
+        "events": len(events),
+        "last_seq": state.seq,
+        "by_kind": dict(sorted(kinds.items())),
+        "task_states": dict(sorted(task_states.items())),
+        "workers": sorted(state.workers),
+        "errors": errors,
+    }
+
+
+def _story(events: list[Any], key: Any) -> list[dict[str, Any]]:
+    return [
+        e.to_dict()
+        for e in events
+        if getattr(e, "key", None) == key
+        or key in getattr(e, "keys", ())
+        or key in getattr(e, "dependencies", {})
+    ]
+
+
+@click.command("replay", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--at", "at", type=click.IntRange(min=0), default=None, help="Stop at this seq.")
+@click.option("--key", "key", default=None, help="One key's story (JSON for tuples: '[\"x\", 1]').")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def replay(log: Path, at: int | None, key: str | None, as_json: bool) -> None:
+    """Summarise the run recorded in the event log LOG (and its rotated files)."""
+    from sluice._core.scheduler_state import SchedulerState
+    from sluice.replay import EventLogError, read_events, read_header
+
+    try:
+        header = read_header(log)
+        events = [e for e in read_events(log) if at is None or e.seq <= at]
+        state = SchedulerState.from_events(events)
+    except FileNotFoundError:
+        raise click.ClickException(f"no such event log: {log}") from None
+    except (EventLogError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    if key is not None:
+        story = _story(events, _parse_key(key))
+        if not story:
+            raise click.ClickException(f"key {key!r} does not appear in {log}")
+        if as_json:
+            click.echo(json.dumps(story, indent=2, default=str))
+            return
+        _print_story(key, story)
+        return
+    summary = _summary(events, state, header)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    _print_summary(log, summary)
+
+
+def _print_summary(log: Path, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout)
+    console.print(
+        f"[bold]{log}[/]: run {summary['run_id']} at {summary['address']},"
+        f" {summary['events']} events, last seq {summary['last_seq']}"
+    )
+    kinds = Table(title="events by kind")
+    kinds.add_column("kind")
+    kinds.add_column("count", justify="right")
+    for kind, n in summary["by_kind"].items():
+        kinds.add_row(kind, str(n))
+    console.print(kinds)
+    states = Table(title="tasks held by the scheduler, by state")
+    states.add_column("state")
+    states.add_column("tasks", justify="right")
+    for name, n in summary["task_states"].items():
+        states.add_row(name, str(n))
+    console.print(states)
+    console.print(f"workers: {', '.join(summary['workers']) or 'none'}")
+    for error in summary["errors"]:
+        console.print(f"[red]erred[/] {error['key']!r}: {error['exception']}")
+
+
+def _print_story(key: str, story: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"story of {key}")
+    for column in ("seq", "source", "event", "worker / detail"):
+        table.add_column(column)
+    for d in story:
+        if d["kind"] == "task-transition":
+            what = f"{d['start']} -> {d['finish']}"
+            detail = d.get("worker") or d.get("exception") or ""
+        else:
+            what, detail = d["kind"], d.get("client", "")
+        table.add_row(str(d["seq"]), d["source"], what, str(detail or ""))
+    Console(file=sys.stdout).print(table)
