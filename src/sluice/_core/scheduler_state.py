@@ -336,17 +336,7 @@ class SchedulerState(FoldedState):
                 best = last
             self._root_worker = best
         assert best is not None
-        self._push(
-            TaskTransition(
-                seq=self.seq + 1,
-                time=self._now,
-                key=ts.key,
-                start=ts.state,
-                finish=PROCESSING,
-                stimulus_id=self._stim,
-                worker=best.address,
-            )
-        )
+        self._move(ts, PROCESSING, worker=best.address)
         who_has = (
             {d.key: tuple(sorted(w.address for w in d.who_has)) for d in ordered(deps)}
             if deps
