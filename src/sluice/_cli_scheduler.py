@@ -66,6 +66,14 @@ def _security(
     help="Record every event of the run in this file (must not exist yet).",
 )
 @click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="SPEC",
+    help="Send every event to this sink: counter, errors, json-log:stderr, json-log:///path,"
+    " eventlog:///path, amqp://... (repeatable; default: config sluice.scheduler.sinks).",
+)
+@click.option(
     "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True
 )
 @click.option("--tls-ca-file", default=None, help="CA certificate (clients must present one).")
@@ -97,6 +105,7 @@ def scheduler(
     port: int,
     scheduler_file: Path | None,
     event_log: Path | None,
+    sinks: tuple[str, ...],
     log_format: str,
     tls_ca_file: str | None,
     tls_cert: str | None,
@@ -124,6 +133,7 @@ def scheduler(
             security=security,
             insecure=insecure,
             event_log=event_log,
+            sinks=list(sinks) if sinks else None,
             heartbeat_timeout=heartbeat_timeout,
             scheduler_file=scheduler_file,
             preload=list(preload) if preload else None,

@@ -120,6 +120,14 @@ def _security(
     help="Worker port (0: any free port).",
 )
 @click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="SPEC",
+    help="Send every event to this sink: counter, errors, json-log:stderr, json-log:///path,"
+    " eventlog:///path, amqp://... (repeatable; default: config sluice.worker.sinks).",
+)
+@click.option(
     "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True
 )
 @click.option("--tls-ca-file", default=None, help="CA certificate (enables TLS).")
@@ -169,6 +177,7 @@ def worker(
     name: str | None,
     host: str,
     port: int,
+    sinks: tuple[str, ...],
     log_format: str,
     tls_ca_file: str | None,
     tls_cert: str | None,
@@ -231,6 +240,7 @@ def worker(
                 preload_nanny=list(preload_nanny) if preload_nanny else None,
                 preload_nanny_argv=nanny_argv,
                 preload_strict=preload_strict,
+                sinks=list(sinks) if sinks else None,
             )
         from sluice.worker import Worker
 
@@ -248,6 +258,7 @@ def worker(
             preload=list(preload) if preload else None,
             preload_argv=worker_argv,
             preload_strict=preload_strict,
+            sinks=list(sinks) if sinks else None,
         )
 
     # A bad preload fails in make(0), before any server opens a port.

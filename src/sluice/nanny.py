@@ -64,6 +64,7 @@ from sluice.preload import (
     teardown_preloads,
 )
 from sluice.security import Security
+from sluice.sinks.registry import sinks_from_config
 from sluice.worker import EXIT_RESTART
 
 __all__ = ("TOKEN_ENV", "Nanny")
@@ -103,6 +104,7 @@ class Nanny:
         preload_nanny: str | Sequence[str] | None = None,
         preload_nanny_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
         preload_strict: bool | None = None,
+        sinks: str | Sequence[str] | None = None,
     ) -> None:
         parse_address(scheduler_address)
         # The worker's preloads, handed to each child. Read from the configuration
@@ -115,6 +117,8 @@ class Nanny:
         # The worker's are imported here too: a bad one fails before any child starts.
         if self.worker_preload or self.worker_preload_argv:
             load_preloads(self.worker_preload or [], self.worker_preload_argv)
+        #: The worker's sink specs, handed to each child (specs: they cross a process).
+        self.worker_sinks = _sink_specs(sinks)
         values, argv = from_config("nanny", preload_nanny, preload_nanny_argv)
         #: The nanny's own preloads, run around the nanny's life.
         self.preloads: list[Preload] = load_preloads(values, argv)
@@ -278,6 +282,8 @@ class Nanny:
             cmd.append("--insecure")
         for preload in self.worker_preload or ():
             cmd += ["--preload", preload]
+        for spec in self.worker_sinks:
+            cmd += ["--sink", spec]
         if self.worker_preload_argv:
             cmd += ["--preload-argv-json", json.dumps(list(self.worker_preload_argv))]
         if self.preload_strict_arg is not None:
@@ -537,3 +543,15 @@ async def _read_line(sock: socket.socket) -> str:
             return ""
         buf += chunk
     return buf.split(b"\n", 1)[0].decode()
+
+
+def _sink_specs(sinks: str | Sequence[str] | None) -> list[str]:
+    """The worker sinks given to a nanny, else from config; checked by building them once."""
+    if sinks is None:
+        sinks = config.get("sluice.worker.sinks", None) or []
+    specs = [sinks] if isinstance(sinks, str) else list(sinks)
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise TypeError(f"a nanny's sinks must be spec strings (they go to a child): {spec!r}")
+    sinks_from_config("worker", specs)  # a bad spec fails here, before any child starts
+    return specs

@@ -79,6 +79,7 @@ from sluice.preload import (
     teardown_preloads,
 )
 from sluice.security import Security
+from sluice.sinks.registry import sink_from_spec, sinks_from_config
 
 __all__ = ("Scheduler",)
 
@@ -103,7 +104,7 @@ class Scheduler(SchedulerServing):
         security: Security | None = None,
         insecure: bool = False,
         event_log: str | os.PathLike[str] | None = None,
-        sinks: Sequence[object] = (),
+        sinks: str | Sequence[object] | None = None,
         heartbeat_timeout: float = 10.0,
         scheduler_file: str | os.PathLike[str] | None = None,
         plugins: Sequence[SchedulerPlugin] = (),
@@ -129,6 +130,8 @@ class Scheduler(SchedulerServing):
         self.heartbeat_timeout = heartbeat_timeout
         self.scheduler_file = Path(scheduler_file) if scheduler_file is not None else None
         self.event_log = Path(event_log) if event_log is not None else None
+        # Built now (specs and config included): a bad sink spec fails before any port.
+        sink_objects = sinks_from_config("scheduler", sinks)
         #: ``tcp://host:port`` once :meth:`start` has bound the port.
         self.address = ""
         self.state = SchedulerState()
@@ -161,7 +164,7 @@ class Scheduler(SchedulerServing):
 
             # Subscribed before anything is published: the log starts at seq 1.
             self.bus.subscribe(EventLog(self.event_log, run_id=self.bus.run_id))
-        for sink in sinks:
+        for sink in sink_objects:
             self.add_sink(sink)
         for plugin in plugins:
             self.add_plugin(plugin)
@@ -438,11 +441,10 @@ class Scheduler(SchedulerServing):
     # -- sinks ---------------------------------------------------------------------------
 
     def add_sink(self, sink: Any, **subscribe_opts: Any) -> Subscription:
-        """Subscribe a sink (an object with ``write(batch)``) to the scheduler's bus."""
+        """Subscribe a sink to the scheduler's bus: an object with ``write(batch)``,
+        or a spec such as ``"json-log:stderr"`` (see :mod:`sluice.sinks.registry`)."""
         if isinstance(sink, str):
-            raise TypeError(
-                f"sink specs such as {sink!r} are not supported yet; pass a Sink object"
-            )
+            sink = sink_from_spec(sink)
         return self.bus.subscribe(sink, **subscribe_opts)
 
     # -- plugins -------------------------------------------------------------------------

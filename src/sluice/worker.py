@@ -99,6 +99,7 @@ from sluice.preload import (
     teardown_preloads,
 )
 from sluice.security import Security
+from sluice.sinks.registry import sink_from_spec, sinks_from_config
 
 __all__ = ("EXIT_RESTART", "RegistrationError", "Worker", "get_worker")
 
@@ -142,6 +143,7 @@ class Worker(WorkerPlugins):
         preload: str | Sequence[str] | None = None,
         preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
         preload_strict: bool | None = None,
+        sinks: str | Sequence[object] | None = None,
     ) -> None:
         if nthreads < 1:
             raise ValueError(f"nthreads must be at least 1, not {nthreads}")
@@ -169,6 +171,8 @@ class Worker(WorkerPlugins):
         self.plugins: dict[str, Any] = {}
         self.state = WorkerState("", nthreads)
         self.bus = EventBus(stamp=self._stamp)
+        for sink in sinks_from_config("worker", sinks):
+            self.add_sink(sink)
         self.run_id: str | None = None
         #: Why the worker closed: "closed", "scheduler-lost", "scheduler-close",
         #: "scheduler-restart"; ``None`` while it runs.
@@ -406,7 +410,9 @@ class Worker(WorkerPlugins):
         self.bus.publish(self._stamp(UserEvent(topic=topic, msg=msg, time=time.time())))
 
     def add_sink(self, sink: Any, **options: Any) -> Any:
-        """Subscribe a sink to this worker's bus; returns the subscription."""
+        """Subscribe a sink (object or spec, as for the scheduler) to this worker's bus."""
+        if isinstance(sink, str):
+            sink = sink_from_spec(sink)
         return self.bus.subscribe(sink, **options)
 
     # -- the state machine ------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Sink specs: the short strings ``--sink SPEC`` and config ``sluice.<service>.sinks`` take.
+
+A spec names a sink and, after a colon, where it writes::
+
+    counter                          Counter()
+    errors                           ErrorLogger()
+    json-log:stderr                  JsonLog("stderr")   (also json-log:stdout)
+    json-log:///var/log/sluice.json  JsonLog("/var/log/sluice.json")
+    eventlog:///data/run.jsonl       EventLog("/data/run.jsonl")
+    amqp://guest:guest@host:5672/%2F?queue=q   RabbitMQ.from_url(...)  (also amqps://)
+
+A path may also be given relative (``json-log:run.json``). ``eventlog`` takes
+``?fsync=batch|close|never`` and ``?rotate-bytes=N``.
+
+Other packages add sinks with the entry-point group ``sluice.sinks``: the
+entry point's name is the spec's scheme and its object a callable taking the
+whole spec string and returning a sink::
+
+    [project.entry-points."sluice.sinks"]
+    kafka = "mypackage.sinks:kafka_from_spec"
+
+Built-in names cannot be overridden. Every error is a :class:`SinkSpecError`
+(a ``ValueError``) whose message is one line naming the spec and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ("ENTRY_POINT_GROUP", "SinkSpecError", "available", "sink_from_spec")
+
+ENTRY_POINT_GROUP = "sluice.sinks"
+
+
+class SinkSpecError(ValueError):
+    """A sink spec that cannot be turned into a sink; the message is one line."""
+
+
+def _no_target(spec: str, name: str, target: str) -> None:
+    if target:
+        raise SinkSpecError(f"sink spec {spec!r}: {name!r} takes no argument after the colon")
+
+
+def _path_of(spec: str, target: str) -> tuple[str, dict[str, str]]:
+    """``///abs/path?x=1`` or ``rel/path`` -> (path, query)."""
+    parts = urllib.parse.urlsplit(target)
+    if target.startswith("//") and parts.netloc not in ("", "localhost"):
+        raise SinkSpecError(
+            f"sink spec {spec!r}: a file path cannot name a host ({parts.netloc!r});"
+            " write three slashes for an absolute path"
+        )
+    path = urllib.parse.unquote(parts.path)
+    if not path:
+        raise SinkSpecError(f"sink spec {spec!r}: missing the file path")
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return path, query
+
+
+def _counter(spec: str, target: str) -> Any:
+    from sluice.sinks.counter import Counter
+
+    _no_target(spec, "counter", target)
+    return Counter()
+
+
+def _errors(spec: str, target: str) -> Any:
+    from sluice.sinks.errors import ErrorLogger
+
+    _no_target(spec, "errors", target)
+    return ErrorLogger()
+
+
+def _json_log(spec: str, target: str) -> Any:
+    from sluice.sinks.jsonlog import JsonLog
+
+    if target in ("", "stderr", "stdout"):
+        return JsonLog(target or "stderr")
+    path, query = _path_of(spec, target)
+    if query:
+        raise SinkSpecError(f"sink spec {spec!r}: json-log takes no options ({sorted(query)})")
+    return JsonLog(path)
+
+
+def _eventlog(spec: str, target: str) -> Any:
+    from sluice.sinks.eventlog import EventLog, FsyncPolicy
+
+    path, query = _path_of(spec, target)
+    fsync: FsyncPolicy = "batch"
+    rotate: int | None = None
+    for name, value in query.items():
+        if name == "fsync":
+            if value not in ("batch", "close", "never"):
+                raise SinkSpecError(
+                    f"sink spec {spec!r}: fsync must be batch, close or never, not {value!r}"
+                )
+            fsync = value  # type: ignore[assignment]
+        elif name in ("rotate-bytes", "rotate_bytes"):
+            try:
+                rotate = int(value)
+            except ValueError:
+                raise SinkSpecError(
+                    f"sink spec {spec!r}: rotate-bytes must be an integer, not {value!r}"
+                ) from None
+        else:
+            raise SinkSpecError(f"sink spec {spec!r}: unknown eventlog option {name!r}")
+    try:
+        return EventLog(path, fsync=fsync, rotate_bytes=rotate)
+    except (OSError, ValueError) as exc:
+        raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
+
+
+def _rabbitmq(spec: str, target: str) -> Any:
+    try:
+        from sluice.sinks.rabbitmq import RabbitMQ
+    except ImportError as exc:
+        raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
+    return RabbitMQ.from_url(spec)
+
+
+_BUILTIN: dict[str, Callable[[str, str], Any]] = {
+    "counter": _counter,
+    "errors": _errors,
+    "json-log": _json_log,
+    "eventlog": _eventlog,
+    "amqp": _rabbitmq,
+    "amqps": _rabbitmq,
+}
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """The spec names that can be used: the built-ins, then those of installed packages."""
+    extra = sorted(set(_entry_points()) - set(_BUILTIN))
+    return [*_BUILTIN, *extra]
+
+
+def sink_from_spec(spec: str) -> Any:
+    """Build the sink ``spec`` describes; :class:`SinkSpecError` if it cannot."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SinkSpecError(f"a sink spec must be a non-empty string, not {spec!r}")
+    spec = spec.strip()
+    name, _, target = spec.partition(":")
+    builtin = _BUILTIN.get(name)
+    if builtin is not None:
+        try:
+            return builtin(spec, target)
+        except SinkSpecError:
+            raise
+        except ValueError as exc:
+            raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
+    entry_point = _entry_points().get(name)
+    if entry_point is None:
+        raise SinkSpecError(
+            f"unknown sink {name!r} in spec {spec!r}: expected one of {', '.join(available())}"
+            f" (or a package's {ENTRY_POINT_GROUP!r} entry point)"
+        )
+    try:
+        factory = entry_point.load()
+        return factory(spec)
+    except SinkSpecError:
+        raise
+    except Exception as exc:
+        raise SinkSpecError(
+            f"sink spec {spec!r}: the {ENTRY_POINT_GROUP!r} entry point {entry_point.value!r}"
+            f" failed: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def sinks_from_config(service: str, sinks: Any) -> list[Any]:
+    """The sinks a service was given, else ``sluice.<service>.sinks``; specs built.
+
+    ``sinks`` is ``None`` (use the configuration), one spec or sink, or a list
+    of specs and sink objects. Specs are built now, so a bad one fails before
+    the service opens any port.
+    """
+    if sinks is None:
+        from sluice import config
+
+        sinks = config.get(f"sluice.{service}.sinks", None) or []
+    if isinstance(sinks, str) or hasattr(sinks, "write"):
+        sinks = [sinks]
+    return [sink_from_spec(s) if isinstance(s, str) else s for s in sinks]
