@@ -91,3 +91,122 @@ def test_bad_invocations_are_one_line(log: Path, tmp_path: Path) -> None:
     garbage.write_text("this is not a log\n")
     code, out = run(str(garbage))
     assert code == 1 and len(out.strip().splitlines()) == 1 and out.startswith("Error: ")
+
+
+# -- --into ------------------------------------------------------------------------------
+
+
+def test_into_an_event_log_copies_the_run_with_its_run_id(log: Path, tmp_path: Path) -> None:
+    from sluice.replay import read_events, read_header
+
+    copy = tmp_path / "copy.jsonl"
+    code, out = run(str(log), "--into", f"eventlog://{copy}")
+    assert code == 0, out
+    assert out.strip() == (
+        f"re-published 13 events of run run-1 into eventlog://{copy} in "
+        + out.split(" in ")[-1].strip()
+    )
+    assert list(read_events(copy)) == list(read_events(log))
+    assert read_header(copy)["run_id"] == "run-1"
+    assert read_header(copy)["address"] == "tcp://s:1"
+
+
+def test_into_with_key_and_at_selects_events(log: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "story.json"
+    code, out = run(str(log), "--key", '["bad", 1]', "--into", f"json-log://{out_path}", "--json")
+    assert code == 0, out
+    assert json.loads(out)[0]["events"] == 4
+    lines = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [d["event"] for d in lines] == ["graph-updated"] + ["task-transition"] * 3
+    assert all(d["key"] == ["bad", 1] for d in lines[1:])
+    from sluice.replay import read_events
+
+    # Counter and ErrorLogger only take task transitions: the count says what they got.
+    wanted = sum(1 for e in read_events(log) if e.seq <= 7 and e.kind == "task-transition")
+    assert wanted > 0
+    code, out = run(str(log), "--at", "7", "--into", "counter", "--into", "errors")
+    assert code == 0
+    assert out.count(f"re-published {wanted} events") == 2
+
+
+def test_into_a_bad_spec_is_one_line(log: Path) -> None:
+    code, out = run(str(log), "--into", "nope:x")
+    assert code == 1
+    assert out.strip().splitlines() == [
+        "Error: unknown sink 'nope' in spec 'nope:x': expected one of "
+        + out.split("expected one of ")[1].strip()
+    ]
+
+
+# -- a real run --------------------------------------------------------------------------
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+def _fail(x: int) -> int:
+    raise KeyError(x)
+
+
+def _live_summary(state: SchedulerState) -> dict[str, object]:
+    import collections
+
+    return {
+        "last_seq": state.seq,
+        "task_states": dict(
+            sorted(collections.Counter(ts.state for ts in state.tasks.values()).items())
+        ),
+        "workers": sorted(state.workers),
+        "errors": sorted(str(ts.key) for ts in state.tasks.values() if ts.state == "erred"),
+    }
+
+
+def _replayed_summary(log: Path, *extra: str) -> dict[str, object]:
+    code, out = run(str(log), "--json", *extra)
+    assert code == 0, out
+    summary = json.loads(out)
+    return {
+        "last_seq": summary["last_seq"],
+        "task_states": summary["task_states"],
+        "workers": summary["workers"],
+        "errors": sorted(str(e["key"]) for e in summary["errors"]),
+    }
+
+
+@pytest.mark.anyio
+async def test_summary_of_a_real_run_equals_the_live_schedulers(tmp_path: Path) -> None:
+    """Mid-run (workers in) and at the end, the log's summary is the live scheduler's."""
+    from sluice.client import Client
+    from sluice.scheduler import Scheduler
+    from sluice.worker import Worker
+
+    path = tmp_path / "run.jsonl"
+    async with Scheduler(port=0, event_log=path) as s:
+        async with (
+            Worker(s.address, nthreads=2),
+            Worker(s.address, nthreads=1),
+            Client(s.address, asynchronous=True) as c,
+        ):
+            firsts = c.map(_inc, range(50))
+            seconds = c.map(_inc, firsts)
+            assert sum(await c.gather(seconds)) == sum(range(2, 52))
+            bad = [c.submit(_fail, i) for i in range(3)]
+            for future in bad:
+                with pytest.raises(KeyError):
+                    await future
+            del firsts
+            live_mid = await c.run_on_scheduler(lambda sluice_scheduler: sluice_scheduler.state.seq)
+            mid = _live_summary(s.state)
+            assert mid["last_seq"] == live_mid
+            states = mid["task_states"]
+            assert states["erred"] == 3 and states["memory"] == 50  # type: ignore[index]
+            assert len(mid["workers"]) == 2  # type: ignore[arg-type]
+        end = _live_summary(s.state)
+    assert _replayed_summary(path, "--at", str(mid["last_seq"])) == mid
+    assert _replayed_summary(path) == {**end, "last_seq": s.state.seq}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -2,7 +2,10 @@
 
 A summary of the run (events by kind, the scheduler's final task states, the
 workers, the failures), the state at any seq (``--at``), one key's story
-(``--key``), as tables or as JSON (``--json``).
+(``--key``), as tables or as JSON (``--json``); or the recorded events
+re-published into sinks (``--into SPEC``), e.g. to backfill a RabbitMQ queue
+that missed a run. The sinks are given the recorded run's id, so RabbitMQ
+message ids are those of the live run and consumers can drop what they had.
 """
 
 from __future__ import annotations
@@ -50,22 +53,82 @@ def _summary(events: list[Any], state: Any, header: dict[str, Any]) -> dict[str,
     }
 
 
+def _concerns(event: Any, key: Any) -> bool:
+    return (
+        getattr(event, "key", None) == key
+        or key in getattr(event, "keys", ())
+        or key in getattr(event, "dependencies", {})
+    )
+
+
 def _story(events: list[Any], key: Any) -> list[dict[str, Any]]:
-    return [
-        e.to_dict()
-        for e in events
-        if getattr(e, "key", None) == key
-        or key in getattr(e, "keys", ())
-        or key in getattr(e, "dependencies", {})
-    ]
+    return [e.to_dict() for e in events if _concerns(e, key)]
+
+
+def _publish_into(
+    specs: tuple[str, ...], events: list[Any], header: dict[str, Any], as_json: bool
+) -> None:
+    """Feed ``events`` to the sinks ``specs`` name, as the live run fed its own."""
+    import time
+
+    from sluice.replay import replay as drive
+    from sluice.sinks.registry import SinkSpecError, sink_from_spec
+
+    try:
+        sinks = [sink_from_spec(spec) for spec in specs]
+    except SinkSpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    started = time.perf_counter()
+    run_id = header.get("run_id") or "unknown-run"
+    try:
+        drive(events, *sinks, scheduler_view=False, run_id=run_id, address=header.get("address"))
+    except Exception as exc:
+        raise click.ClickException(
+            f"replay into a sink failed: {type(exc).__name__}: {exc}"
+        ) from None
+    elapsed = time.perf_counter() - started
+    report = []
+    for spec, sink in zip(specs, sinks, strict=True):
+        kinds = getattr(sink, "kinds", None)
+        sent = sum(1 for e in events if kinds is None or e.kind in kinds)
+        entry: dict[str, Any] = {"into": spec, "events": sent, "run_id": run_id}
+        stats = getattr(sink, "stats", None)
+        if callable(stats):
+            entry["stats"] = stats()
+        report.append(entry)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    for entry in report:
+        click.echo(
+            f"re-published {entry['events']} events of run {run_id} into {entry['into']}"
+            f" in {elapsed:.2f}s"
+            + (f" ({_stats_line(entry['stats'])})" if "stats" in entry else "")
+        )
+
+
+def _stats_line(stats: Any) -> str:
+    if isinstance(stats, dict):
+        return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float, str)))
+    return str(stats)
 
 
 @click.command("replay", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--at", "at", type=click.IntRange(min=0), default=None, help="Stop at this seq.")
 @click.option("--key", "key", default=None, help="One key's story (JSON for tuples: '[\"x\", 1]').")
+@click.option(
+    "--into",
+    "into",
+    multiple=True,
+    metavar="SPEC",
+    help="Re-publish the events (up to --at, or of --key) into this sink, as --sink takes"
+    " (repeatable): amqp://..., json-log:///path, eventlog:///path...",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def replay(log: Path, at: int | None, key: str | None, as_json: bool) -> None:
+def replay(
+    log: Path, at: int | None, key: str | None, into: tuple[str, ...], as_json: bool
+) -> None:
     """Summarise the run recorded in the event log LOG (and its rotated files)."""
     from sluice._core.scheduler_state import SchedulerState
     from sluice.replay import EventLogError, read_events, read_header
@@ -79,6 +142,13 @@ def replay(log: Path, at: int | None, key: str | None, as_json: bool) -> None:
     except (EventLogError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
+    if into:
+        selected = events
+        if key is not None:
+            wanted = _parse_key(key)
+            selected = [e for e in events if _concerns(e, wanted)]
+        _publish_into(into, selected, header, as_json)
+        return
     if key is not None:
         story = _story(events, _parse_key(key))
         if not story:

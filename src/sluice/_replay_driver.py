@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import attrs
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from sluice._core.scheduler_state import SchedulerState
@@ -35,6 +36,14 @@ from sluice.events import (
 __all__ = ("ReplayedScheduler", "replay")
 
 _SINK_BATCH = 1000
+
+
+@attrs.frozen
+class RecordedRun:
+    """What a sink reads from its ``bus`` when it is fed a recorded run instead of a live bus."""
+
+    run_id: str
+    address: str | None = None
 
 
 class ReplayedScheduler:
@@ -155,7 +164,13 @@ def _maybe(plugin: Any, hook_name: str, run: Callable[..., Any], *args: Any, **k
         run(hook, *args, **kwargs)
 
 
-def replay(events: Iterable[Event], *consumers: Any, scheduler_view: bool = True) -> SchedulerState:
+def replay(
+    events: Iterable[Event],
+    *consumers: Any,
+    scheduler_view: bool = True,
+    run_id: str | None = None,
+    address: str | None = None,
+) -> SchedulerState:
     """Drive ``consumers`` with ``events`` as the live run did; return the final state.
 
     A consumer with ``write(batch)`` is a sink: it gets ``start()``, the events
@@ -169,6 +184,11 @@ def replay(events: Iterable[Event], *consumers: Any, scheduler_view: bool = True
     With ``scheduler_view=False`` the events are not folded into a state (so
     a partial log, one not starting at seq 1, can drive consumers too) and the
     returned state is empty.
+
+    ``run_id`` (and ``address``) name the recorded run, as the header of its
+    log does: a sink without a bus of its own is given them as its ``bus``, so
+    what it stamps with the run id (an event log's header, RabbitMQ message
+    ids) is what the live run's sinks stamped.
     """
     state = SchedulerState()
     view: ReplayedScheduler | None = ReplayedScheduler(state) if scheduler_view else None
@@ -178,6 +198,10 @@ def replay(events: Iterable[Event], *consumers: Any, scheduler_view: bool = True
     ]
     plugins = [c for c in consumers if c not in sinks and c not in calls]
     batches: dict[int, list[Event]] = {id(s): [] for s in sinks}
+    if run_id is not None:
+        for sink in sinks:
+            if getattr(sink, "bus", None) is None:
+                sink.bus = RecordedRun(run_id, address)
     run = _Runner()
     try:
         for sink in sinks:
