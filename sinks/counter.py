@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Any
 
 from sluice.events import Event, Restarted, TaskTransition
 from sluice.sinks import Sink
@@ -47,3 +48,8 @@ class Counter(Sink):
             elif type(event) is Restarted:
                 self.count = 0
                 by_edge.clear()
+
+
+def sluice_setup(server: Any) -> None:
+    """As a preload (``--preload sluice.sinks.counter``): count on ``server``'s bus."""
+    server.add_sink(Counter())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from sluice.events import Event, TaskTransition
 from sluice.sinks import Sink
@@ -48,3 +49,8 @@ class ErrorLogger(Sink):
                 self.errors.append(event)
         if len(self.errors) > self.keep:
             del self.errors[: len(self.errors) - self.keep]
+
+
+def sluice_setup(server: Any) -> None:
+    """As a preload (``--preload sluice.sinks.errors``): log ``server``'s failed tasks."""
+    server.add_sink(ErrorLogger())

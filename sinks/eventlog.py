@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, get_args
 
+import click
 import orjson
 
 from sluice._core.logfile import FORMAT, existing_segments, segment_path
@@ -282,3 +283,26 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@click.command()
+@click.option(
+    "--eventlog-path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The event log to write (must not exist yet).",
+)
+@click.option(
+    "--eventlog-fsync",
+    type=click.Choice(get_args(FsyncPolicy)),
+    default="batch",
+    show_default=True,
+    help="When to fsync: after every batch, when a segment closes, or never.",
+)
+@click.option("--eventlog-rotate-bytes", type=click.IntRange(1), default=None)
+def sluice_setup(
+    server: Any, eventlog_path: Path, eventlog_fsync: FsyncPolicy, eventlog_rotate_bytes: int | None
+) -> None:
+    """As a preload (``--preload sluice.sinks.eventlog``): record ``server``'s events."""
+    sink = EventLog(eventlog_path, fsync=eventlog_fsync, rotate_bytes=eventlog_rotate_bytes)
+    server.add_sink(sink)

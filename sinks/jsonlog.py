@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import click
 import orjson
 import structlog
 
@@ -78,21 +79,22 @@ class JsonLog(Sink):
         return f"JsonLog({self.target!r})"
 
     def _open(self) -> IO[bytes]:
-        stream = self._stream
-        if stream is None:
-            target = self.target
-            if target == "stderr":
-                stream = sys.stderr.buffer
-            elif target == "stdout":
-                stream = sys.stdout.buffer
-            elif isinstance(target, (str, os.PathLike)):
-                path = Path(target)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stream = path.open("ab")
-                self._owned = True
-            else:
-                stream = getattr(target, "buffer", target)
-            self._stream = stream
+        if self._stream is not None:
+            return self._stream
+        target = self.target
+        stream: IO[bytes]
+        if target == "stderr":
+            stream = sys.stderr.buffer
+        elif target == "stdout":
+            stream = sys.stdout.buffer
+        elif isinstance(target, (str, os.PathLike)):
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stream = path.open("ab")
+            self._owned = True
+        else:
+            stream = getattr(target, "buffer", target)
+        self._stream = stream
         return stream
 
     def start(self) -> None:
@@ -136,3 +138,15 @@ class JsonLog(Sink):
                 if self._owned:
                     self._stream.close()
                 self._stream = None
+
+
+@click.command()
+@click.option(
+    "--json-log-target",
+    default="stderr",
+    show_default=True,
+    help="Where the JSON lines go: stderr, stdout or a file path.",
+)
+def sluice_setup(server: Any, json_log_target: str) -> None:
+    """As a preload (``--preload sluice.sinks.jsonlog``): JSON lines of ``server``'s events."""
+    server.add_sink(JsonLog(json_log_target))

@@ -251,3 +251,24 @@ async def test_json_log_to_stdout(capfdbinary: Any) -> None:
     await anyio.lowlevel.checkpoint()
     out = capfdbinary.readouterr().out
     assert json.loads(out)["key"] == "a"
+
+
+@pytest.mark.anyio
+async def test_each_sink_module_is_a_preload_with_its_own_options(tmp_path: Path) -> None:
+    json_path = tmp_path / "events.json"
+    log_path = tmp_path / "run.jsonl"
+    preload = [
+        "sluice.sinks.counter",
+        "sluice.sinks.errors",
+        "sluice.sinks.jsonlog",
+        "sluice.sinks.eventlog",
+    ]
+    argv = [[], [], ["--json-log-target", str(json_path)], ["--eventlog-path", str(log_path)]]
+    async with Scheduler(port=0, preload=preload, preload_argv=argv) as s:
+        assert {"counter", "errors", "json-log", "eventlog"} <= set(s.bus.stats())
+        async with Worker(s.address), Client(s.address, asynchronous=True) as c:
+            assert await c.submit(inc, 1) == 2
+            counter = s.bus._subs["counter"].consumer
+    assert counter.count == 1
+    seqs = [e.seq for e in read_events(log_path)]
+    assert [json.loads(line)["seq"] for line in json_path.read_text().splitlines()] == seqs

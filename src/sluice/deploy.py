@@ -46,6 +46,7 @@ class LocalCluster(_loop.SyncOrAsync):
         scheduler_port: int = 0,
         asynchronous: bool = False,
         event_log: Any = None,
+        sinks: Any = None,
         security: Security | None = None,
         timeout: float = 30.0,
     ) -> None:
@@ -58,6 +59,8 @@ class LocalCluster(_loop.SyncOrAsync):
         self.scheduler_port = scheduler_port
         self.asynchronous = asynchronous
         self.event_log = event_log
+        #: The scheduler's sinks (objects or specs, as ``Scheduler(sinks=...)`` takes).
+        self.sinks = sinks
         self.security = security
         self.timeout = timeout
         self.scheduler: Any = None
@@ -105,6 +108,7 @@ class LocalCluster(_loop.SyncOrAsync):
             port=self.scheduler_port,
             security=self.security,
             event_log=self.event_log,
+            sinks=self.sinks,
         )
         await self.scheduler.start()
         self._watch_workers()
