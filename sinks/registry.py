@@ -163,8 +163,11 @@ def sink_from_spec(spec: str) -> Any:
     try:
         factory = entry_point.load()
         return factory(spec)
-    except SinkSpecError:
-        raise
+    except ValueError as exc:  # the factory's own word on a bad spec (SinkSpecError too)
+        message = str(exc)
+        raise SinkSpecError(
+            message if message.startswith("sink spec ") else f"sink spec {spec!r}: {message}"
+        ) from None
     except Exception as exc:
         raise SinkSpecError(
             f"sink spec {spec!r}: the {ENTRY_POINT_GROUP!r} entry point {entry_point.value!r}"

@@ -100,7 +100,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fancy-sinks\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[sluice.sinks]\nfancy = fancy_sinks:from_spec\nbroken = fancy_sinks:broken\n"
-        "counter = fancy_sinks:from_spec\n"
+        "counter = fancy_sinks:from_spec\npicky = fancy_sinks:picky\n"
     )
     (site / "fancy_sinks.py").write_text(
         textwrap.dedent(
@@ -117,6 +117,9 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
             def broken(spec):
                 raise RuntimeError("no fancy today")
+
+            def picky(spec):
+                raise ValueError("picky wants a colour")
             """
         )
     )
@@ -132,6 +135,9 @@ def test_entry_points_add_sinks_but_cannot_replace_builtins(third_party: Path) -
     assert type(sink_from_spec("counter")) is Counter  # the built-in wins
     with pytest.raises(SinkSpecError, match="'fancy_sinks:broken' failed: RuntimeError: no fancy"):
         sink_from_spec("broken:x")
+    with pytest.raises(SinkSpecError) as info:
+        sink_from_spec("picky:")
+    assert str(info.value) == "sink spec 'picky:': picky wants a colour"
 
 
 # -- services ----------------------------------------------------------------------------
