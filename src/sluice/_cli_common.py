@@ -1,12 +1,15 @@
-"""What the service commands (``sluice scheduler``, ``sluice worker``) share."""
+"""What the commands share: security options, the scheduler address, keys as typed."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ("security_from_options",)
+__all__ = ("parse_key", "scheduler_address", "security_from_options")
 
 
 def security_from_options(
@@ -41,3 +44,42 @@ def security_from_options(
     if not sec.tls and sec.auth_token is None:
         return None
     return sec
+
+
+def parse_key(text: str) -> Any:
+    """A key as typed: JSON for tuple keys (``'["x", 1]'``), else the string itself."""
+    if text.startswith("["):
+        from sluice.events import to_key
+
+        try:
+            return to_key(json.loads(text))
+        except ValueError:
+            raise click.BadParameter(f"not a JSON list: {text}") from None
+    return text
+
+
+def scheduler_address(address: str | None, scheduler_file: Path | None, timeout: float) -> str:
+    """ADDRESS or the address in the scheduler file (waited for up to ``timeout`` s)."""
+    if address and scheduler_file:
+        raise click.UsageError("give the scheduler ADDRESS or --scheduler-file, not both")
+    if address:
+        return address
+    if scheduler_file is None:
+        raise click.UsageError("missing the scheduler ADDRESS (or --scheduler-file FILE)")
+    # The scheduler may still be starting: wait for its file a little.
+    deadline = time.monotonic() + timeout
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        found = json.loads(scheduler_file.read_text())["address"]
+    except FileNotFoundError:
+        raise click.ClickException(
+            f"scheduler file {str(scheduler_file)!r} does not exist (waited {timeout}s)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(
+            f"cannot read the scheduler address from {str(scheduler_file)!r}: {exc}"
+        ) from None
+    if not isinstance(found, str):
+        raise click.ClickException(f"no scheduler address in {str(scheduler_file)!r}")
+    return found

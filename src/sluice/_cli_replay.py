@@ -18,19 +18,9 @@ from typing import Any
 
 import click
 
+from sluice._cli_common import parse_key
+
 __all__ = ("replay",)
-
-
-def _parse_key(text: str) -> Any:
-    """A key as typed: JSON for tuple keys (``'["x", 1]'``), else the string itself."""
-    if text.startswith("["):
-        from sluice.events import to_key
-
-        try:
-            return to_key(json.loads(text))
-        except ValueError:
-            raise click.BadParameter(f"not a JSON list: {text}") from None
-    return text
 
 
 def _summary(events: list[Any], state: Any, header: dict[str, Any]) -> dict[str, Any]:
@@ -145,12 +135,12 @@ def replay(
     if into:
         selected = events
         if key is not None:
-            wanted = _parse_key(key)
+            wanted = parse_key(key)
             selected = [e for e in events if _concerns(e, wanted)]
         _publish_into(into, selected, header, as_json)
         return
     if key is not None:
-        story = _story(events, _parse_key(key))
+        story = _story(events, parse_key(key))
         if not story:
             raise click.ClickException(f"key {key!r} does not appear in {log}")
         if as_json:

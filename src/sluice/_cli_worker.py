@@ -17,14 +17,13 @@ import logging
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import click
 
-from sluice._cli_common import security_from_options
+from sluice._cli_common import scheduler_address, security_from_options
 
 __all__ = ("worker",)
 
@@ -32,32 +31,6 @@ logger = logging.getLogger("sluice.cli")
 
 #: Startup errors a user can cause and fix; shown as one line.
 _EXPECTED: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, TimeoutError)
-
-
-def _scheduler_address(address: str | None, scheduler_file: Path | None, timeout: float) -> str:
-    if address and scheduler_file:
-        raise click.UsageError("give the scheduler ADDRESS or --scheduler-file, not both")
-    if address:
-        return address
-    if scheduler_file is None:
-        raise click.UsageError("missing the scheduler ADDRESS (or --scheduler-file FILE)")
-    # The scheduler may still be starting: wait for its file a little.
-    deadline = time.monotonic() + timeout
-    while not scheduler_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        found = json.loads(scheduler_file.read_text())["address"]
-    except FileNotFoundError:
-        raise click.ClickException(
-            f"scheduler file {str(scheduler_file)!r} does not exist (waited {timeout}s)"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise click.ClickException(
-            f"cannot read the scheduler address from {str(scheduler_file)!r}: {exc}"
-        ) from None
-    if not isinstance(found, str):
-        raise click.ClickException(f"no scheduler address in {str(scheduler_file)!r}")
-    return found
 
 
 def _security(
@@ -204,7 +177,7 @@ def worker(
     from sluice.comm import parse_address
 
     configure_logging(log_format)  # type: ignore[arg-type]
-    target = _scheduler_address(address, scheduler_file, connect_timeout)
+    target = scheduler_address(address, scheduler_file, connect_timeout)
     try:
         parse_address(target)
     except ValueError as exc:
