@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from sluice import __version__
+from sluice._cli_events import events
 from sluice._cli_replay import replay
 from sluice._cli_scheduler import scheduler
 from sluice._cli_worker import worker
@@ -46,6 +47,7 @@ def demo(out: Path | None, tasks: int) -> None:
     sys.exit(run_demo(out=out, n=tasks))
 
 
+main.add_command(events)
 main.add_command(replay)
 main.add_command(scheduler)
 main.add_command(worker)
