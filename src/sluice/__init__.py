@@ -8,18 +8,57 @@ replayed from a recorded log (:mod:`sluice.replay`). The servers
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from sluice._client_futures import Future, FutureCancelledError, as_completed, wait
-from sluice._core.scheduler_state import SchedulerState
-from sluice._worker_exec import get_worker
-from sluice.bus import EventBus
-from sluice.client import Client
-from sluice.deploy import LocalCluster
-from sluice.nanny import Nanny
-from sluice.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
-from sluice.scheduler import Scheduler
-from sluice.security import Security
-from sluice.worker import Worker
+if TYPE_CHECKING:
+    from sluice._client_futures import Future, FutureCancelledError, as_completed, wait
+    from sluice._core.scheduler_state import SchedulerState
+    from sluice._worker_exec import get_worker
+    from sluice.bus import EventBus
+    from sluice.client import Client
+    from sluice.deploy import LocalCluster
+    from sluice.nanny import Nanny
+    from sluice.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
+    from sluice.scheduler import Scheduler
+    from sluice.security import Security
+    from sluice.worker import Worker
+
+# Imported on first use: ``import sluice`` (and the pytest plugin sluice.testing, which
+# pytest loads in every suite where sluice is installed) stays cheap.
+_LAZY = {
+    "Future": "sluice._client_futures",
+    "FutureCancelledError": "sluice._client_futures",
+    "as_completed": "sluice._client_futures",
+    "wait": "sluice._client_futures",
+    "SchedulerState": "sluice._core.scheduler_state",
+    "get_worker": "sluice._worker_exec",
+    "EventBus": "sluice.bus",
+    "Client": "sluice.client",
+    "LocalCluster": "sluice.deploy",
+    "Nanny": "sluice.nanny",
+    "NannyPlugin": "sluice.plugin",
+    "SchedulerPlugin": "sluice.plugin",
+    "WorkerPlugin": "sluice.plugin",
+    "Scheduler": "sluice.scheduler",
+    "Security": "sluice.security",
+    "Worker": "sluice.worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sluice' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 try:
     __version__ = version("sluice")
