@@ -764,6 +764,19 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
     async def _log_event(self, topic: str, msg: Any) -> None:
         await self._request("log-event", topic=topic, msg=msg)
 
+    def progress(self, futures: Any, *, console: Any = None, transient: bool = False) -> Any:
+        """Show progress bars (rich; one per key prefix) until ``futures`` are all done.
+
+        ``futures`` is a future or a nested list/tuple/set/dict of them. Returns
+        the counts by final status, e.g. ``{"finished": 98, "error": 2}``; a
+        failed future does not raise here (``gather`` does). ``console`` is a
+        ``rich.console.Console`` (default: stdout); ``transient`` removes the bars
+        when done. Awaitable in async mode.
+        """
+        from sluice._client_progress import show_progress
+
+        return self._sync(show_progress, futures, console=console, transient=transient)
+
     def events(self, kinds: Iterable[str] | None = None, since: int | None = None) -> EventStream:
         """A live stream of the scheduler's events (an async iterator in async mode).
 
