@@ -74,7 +74,18 @@ def _security(
     " eventlog:///path, amqp://... (repeatable; default: config sluice.scheduler.sinks).",
 )
 @click.option(
-    "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="console: readable lines; json: one JSON object per line, for log shippers.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="The lowest level of sluice's own log lines that is shown.",
 )
 @click.option("--tls-ca-file", default=None, help="CA certificate (clients must present one).")
 @click.option("--tls-cert", default=None, help="The scheduler's TLS certificate (enables TLS).")
@@ -107,6 +118,7 @@ def scheduler(
     event_log: Path | None,
     sinks: tuple[str, ...],
     log_format: str,
+    log_level: str,
     tls_ca_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -142,7 +154,7 @@ def scheduler(
         )
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    configure_logging(log_format)  # type: ignore[arg-type]
+    configure_logging(log_format, log_level.upper())  # type: ignore[arg-type]
     tune_process()
     error = anyio.run(_serve, server)
     if error is not None:

@@ -101,7 +101,18 @@ def _security(
     " eventlog:///path, amqp://... (repeatable; default: config sluice.worker.sinks).",
 )
 @click.option(
-    "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="console: readable lines; json: one JSON object per line, for log shippers.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="The lowest level of sluice's own log lines that is shown.",
 )
 @click.option("--tls-ca-file", default=None, help="CA certificate (enables TLS).")
 @click.option("--tls-cert", default=None, help="This process's TLS certificate.")
@@ -152,6 +163,7 @@ def worker(
     port: int,
     sinks: tuple[str, ...],
     log_format: str,
+    log_level: str,
     tls_ca_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -176,7 +188,7 @@ def worker(
     from sluice._tuning import tune_process
     from sluice.comm import parse_address
 
-    configure_logging(log_format)  # type: ignore[arg-type]
+    configure_logging(log_format, log_level.upper())  # type: ignore[arg-type]
     target = scheduler_address(address, scheduler_file, connect_timeout)
     try:
         parse_address(target)
@@ -207,6 +219,7 @@ def worker(
                 forward_events=forward_events,
                 insecure=insecure,
                 log_format=log_format,
+                log_level=log_level,
                 connect_timeout=connect_timeout,
                 preload=list(preload) if preload else None,
                 preload_argv=worker_argv,

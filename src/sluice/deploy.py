@@ -156,8 +156,13 @@ class LocalCluster(_loop.SyncOrAsync):
         if self.processes:
             from sluice.nanny import Nanny
 
+            # The worker processes share the user's terminal: only warnings and errors.
             return Nanny(
-                address, nthreads=self.threads_per_worker, name=name, security=self.security
+                address,
+                nthreads=self.threads_per_worker,
+                name=name,
+                security=self.security,
+                log_level="warning",
             )
         from sluice.worker import Worker
 

@@ -97,6 +97,7 @@ class Nanny:
         forward_events: bool | None = None,
         insecure: bool = False,
         log_format: str = "console",
+        log_level: str = "info",
         connect_timeout: float = 10.0,
         terminate_timeout: float = 5.0,
         preload: str | Sequence[str] | None = None,
@@ -133,6 +134,7 @@ class Nanny:
         self.forward_events = forward_events
         self.insecure = insecure
         self.log_format = log_format
+        self.log_level = log_level
         self.connect_timeout = connect_timeout
         self.terminate_timeout = terminate_timeout
         #: The nanny's end of its scheduler connection; set by :meth:`start`.
@@ -266,6 +268,8 @@ class Nanny:
             str(self.worker_port),
             "--log-format",
             self.log_format,
+            "--log-level",
+            self.log_level,
             "--connect-timeout",
             str(self.connect_timeout),
             "--nanny-fd",
