@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,4 +70,24 @@ def test_demo_runs_and_its_replay_matches(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "replayed state == live state" in done.stdout
     assert "processing -> waiting" in done.stdout  # the flaky task was retried
-    assert (tmp_path / "events.jsonl").stat().st_size > 0
+    from sluice.replay import read_events
+
+    events = list(read_events(tmp_path / "events.jsonl"))
+    json_lines = (tmp_path / "events.json").read_text().splitlines()
+    # The JSON log holds the same events as the event log, one line each.
+    assert [json.loads(line)["seq"] for line in json_lines] == [e.seq for e in events]
+    assert f"JSON log:  {tmp_path / 'events.json'} ({len(events)} lines" in done.stdout
+    # The worker processes share the terminal: they print nothing at INFO.
+    assert "[info" not in done.stderr, done.stderr
+
+
+def test_demo_refuses_a_rabbitmq_option_that_is_not_an_amqp_url() -> None:
+    done = subprocess.run(
+        [str(BIN / "sluice"), "demo", "--rabbitmq", "localhost"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "expected an amqp:// or amqps:// URL" in done.stderr

@@ -31,7 +31,7 @@ def main() -> None:
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the event log (default: a new temporary folder).",
+    help="Folder for the event log and JSON log (default: a new temporary folder).",
 )
 @click.option(
     "--tasks",
@@ -40,11 +40,25 @@ def main() -> None:
     show_default=True,
     help="Number of records the demo pipeline processes.",
 )
-def demo(out: Path | None, tasks: int) -> None:
-    """Run a small pipeline on an embedded cluster, then replay its event log."""
+@click.option(
+    "--rabbitmq",
+    "rabbitmq",
+    metavar="URL",
+    default=None,
+    help="Also stream every event to RabbitMQ, e.g."
+    " 'amqp://guest:guest@127.0.0.1:5672/%2F?queue=sluice-demo'.",
+)
+def demo(out: Path | None, tasks: int, rabbitmq: str | None) -> None:
+    """Run a small pipeline on an embedded cluster, then replay its event log.
+
+    The event log (events.jsonl) and a JSON log (events.json) are written to
+    --out (default: a new temporary folder, named at the end).
+    """
     from sluice._demo import run_demo
 
-    sys.exit(run_demo(out=out, n=tasks))
+    if rabbitmq is not None and not rabbitmq.startswith(("amqp://", "amqps://")):
+        raise click.BadParameter("expected an amqp:// or amqps:// URL", param_hint="--rabbitmq")
+    sys.exit(run_demo(out=out, n=tasks, rabbitmq=rabbitmq))
 
 
 main.add_command(events)
