@@ -299,7 +299,12 @@ def _fsync_dir(path: Path) -> None:
     show_default=True,
     help="When to fsync: after every batch, when a segment closes, or never.",
 )
-@click.option("--eventlog-rotate-bytes", type=click.IntRange(1), default=None)
+@click.option(
+    "--eventlog-rotate-bytes",
+    type=click.IntRange(1),
+    default=None,
+    help="Start a new segment file when one passes this size.",
+)
 def sluice_setup(
     server: Any, eventlog_path: Path, eventlog_fsync: FsyncPolicy, eventlog_rotate_bytes: int | None
 ) -> None:

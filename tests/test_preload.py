@@ -192,7 +192,9 @@ def test_unknown_extra_arguments_are_named(tmp_path: Path) -> None:
     rec = write(tmp_path, "rec.py", RECORDER)
     with pytest.raises(PreloadError, match=r"^unknown preload arguments: --nope stray$"):
         load_preloads([str(a)], ["--print-count", "--nope", "stray"])
-    with pytest.raises(PreloadError, match=r"^unknown preload arguments: --x$"):
+    with pytest.raises(
+        PreloadError, match=r"^no such option: --x \(and no --preload to take it\)$"
+    ):
         load_preloads([], ["--x"])
     with pytest.raises(PreloadError, match=r"unknown preload arguments: --x \(preload .* none\)"):
         load_preloads([str(rec)], [["--x"]])
@@ -342,7 +344,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
             ["--preload", "examples/scheduler-setup.py", "--print-count", "--bogus"],
             "Error: unknown preload arguments: --bogus",
         ),
-        (["--bogus"], "Error: unknown preload arguments: --bogus"),
+        (["--bogus"], "Error: no such option: --bogus (and no --preload to take it)"),
     ],
 )
 def test_scheduler_cli_load_failures(args: list[str], message: str, tmp_path: Path) -> None:

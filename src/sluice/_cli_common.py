@@ -3,13 +3,80 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ("parse_key", "scheduler_address", "security_from_options")
+__all__ = (
+    "OneLineCommand",
+    "OneLineGroup",
+    "OneLineUsageError",
+    "parse_key",
+    "scheduler_address",
+    "security_from_options",
+)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one ``Error:`` line (exit status 2), without the usage text.
+
+    Whoever mistyped an option wants to know which and why; the full usage is one
+    ``--help`` away.
+    """
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+def _one_line(exc: click.UsageError) -> OneLineUsageError:
+    return OneLineUsageError(exc.format_message(), exc.ctx)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose parse errors are one line, like every other failure."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+class OneLineGroup(click.Group):
+    """A click group whose usage errors, and its subcommands', are one line."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
 
 def security_from_options(

@@ -27,7 +27,13 @@ from typing import Any, TextIO
 import anyio
 import click
 
-from sluice._cli_common import parse_key, scheduler_address, security_from_options
+from sluice._cli_common import (
+    OneLineCommand,
+    OneLineUsageError,
+    parse_key,
+    scheduler_address,
+    security_from_options,
+)
 
 __all__ = ("events",)
 
@@ -40,31 +46,6 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class _UsageError(click.UsageError):
-    """A usage error shown as one ``Error:`` line (exit code 2), without the usage text."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
-
-
-class _Command(click.Command):
-    """A click command whose parse errors are one line too, like every other failure."""
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except _UsageError:
-            raise
-        except click.UsageError as exc:
-            raise _UsageError(exc.format_message()) from None
-
-
 def _check_kinds(
     ctx: click.Context, param: click.Parameter, value: Sequence[str]
 ) -> tuple[str, ...]:
@@ -72,7 +53,7 @@ def _check_kinds(
 
     for kind in value:
         if kind not in KINDS:
-            raise _UsageError(
+            raise OneLineUsageError(
                 f"unknown event kind {kind!r} for --kind; valid kinds: {', '.join(sorted(KINDS))}"
             )
     return tuple(dict.fromkeys(value))
@@ -86,7 +67,7 @@ def _parse_keys(
         try:
             keys.append(parse_key(text))
         except click.BadParameter as exc:
-            raise _UsageError(f"bad --key {text!r}: {exc.message}") from None
+            raise OneLineUsageError(f"bad --key {text!r}: {exc.message}") from None
     return tuple(keys)
 
 
@@ -99,12 +80,14 @@ def _check_address(address: str) -> None:
     except ValueError as exc:
         head, _, tail = address.rpartition(":")
         if tail and _parses(f"{head}:1"):  # all but the port is right
-            raise _UsageError(
+            raise OneLineUsageError(
                 f"bad port {tail!r} in address {address!r}: expected a number from 1 to 65535"
             ) from None
-        raise _UsageError(str(exc)) from None
+        raise OneLineUsageError(str(exc)) from None
     if port == 0:
-        raise _UsageError(f"bad port 0 in address {address!r}: expected a number from 1 to 65535")
+        raise OneLineUsageError(
+            f"bad port 0 in address {address!r}: expected a number from 1 to 65535"
+        )
 
 
 def _parses(address: str) -> bool:
@@ -117,7 +100,9 @@ def _parses(address: str) -> bool:
     return True
 
 
-@click.command("events", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "events", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.argument("address", required=False)
 @click.option(
     "--scheduler-file",
@@ -184,9 +169,9 @@ def events(
     sluice events --scheduler-file sched.json --json --key '["load", 3]' | jq .finish
     """
     if address and scheduler_file:
-        raise _UsageError("give the scheduler ADDRESS or --scheduler-file, not both")
+        raise OneLineUsageError("give the scheduler ADDRESS or --scheduler-file, not both")
     if not address and scheduler_file is None:
-        raise _UsageError("missing the scheduler ADDRESS (or --scheduler-file FILE)")
+        raise OneLineUsageError("missing the scheduler ADDRESS (or --scheduler-file FILE)")
     if address:
         _check_address(address)
     # Until the tail's own handlers are installed (waiting for --scheduler-file,

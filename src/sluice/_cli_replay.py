@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from sluice._cli_common import parse_key
+from sluice._cli_common import OneLineCommand, parse_key
 
 __all__ = ("replay",)
 
@@ -103,7 +103,9 @@ def _stats_line(stats: Any) -> str:
     return str(stats)
 
 
-@click.command("replay", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "replay", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--at", "at", type=click.IntRange(min=0), default=None, help="Stop at this seq.")
 @click.option("--key", "key", default=None, help="One key's story (JSON for tuples: '[\"x\", 1]').")

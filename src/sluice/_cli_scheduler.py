@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import click
 
-from sluice._cli_common import security_from_options
+from sluice._cli_common import OneLineCommand, security_from_options
 
 __all__ = ("scheduler",)
 
@@ -38,6 +38,7 @@ def _security(
 
 @click.command(
     "scheduler",
+    cls=OneLineCommand,
     context_settings={
         "help_option_names": ["-h", "--help"],
         # The rest of the command line belongs to the click preloads.

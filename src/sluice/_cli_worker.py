@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import click
 
-from sluice._cli_common import scheduler_address, security_from_options
+from sluice._cli_common import OneLineCommand, scheduler_address, security_from_options
 
 __all__ = ("worker",)
 
@@ -53,6 +53,7 @@ def _security(
 
 @click.command(
     "worker",
+    cls=OneLineCommand,
     context_settings={
         "help_option_names": ["-h", "--help"],
         # The rest of the command line belongs to the click preloads.

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from sluice import __version__
+from sluice._cli_common import OneLineCommand, OneLineGroup
 from sluice._cli_events import events
 from sluice._cli_replay import replay
 from sluice._cli_scheduler import scheduler
@@ -20,13 +21,13 @@ from sluice._cli_worker import worker
 __all__ = ("main",)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sluice")
 def main() -> None:
     """sluice: a distributed task scheduler whose every task transition is an event."""
 
 
-@main.command()
+@main.command(cls=OneLineCommand)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
