@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -715,3 +716,32 @@ def _run_default_client_scenario() -> None:
         assert c.submit(inc, 1).result(timeout=30) == 2
         assert c.run_on_scheduler(_n_workers) == 2
     assert c.cluster.status == "closed"
+
+
+@pytest.mark.anyio
+async def test_client_reads_the_scheduler_file_waiting_for_it(tmp_path: Path) -> None:
+    """Client(scheduler_file=...) as in Dask; the file may appear after the client starts."""
+    from sluice.scheduler import Scheduler
+    from sluice.worker import Worker
+
+    path = tmp_path / "sched.json"
+    async with anyio.create_task_group() as tg:
+        results: list[int] = []
+        done = anyio.Event()
+
+        async def use_client() -> None:
+            async with Client(scheduler_file=path, asynchronous=True) as c:
+                results.append(await c.submit(abs, -5))
+            done.set()
+
+        tg.start_soon(use_client)
+        await anyio.wait_all_tasks_blocked()
+        assert not path.exists()
+        async with Scheduler(port=0, scheduler_file=path) as s, Worker(s.address):
+            with anyio.fail_after(30):
+                await done.wait()
+    assert results == [5]
+    with pytest.raises(ValueError, match="not both"):
+        Client("tcp://127.0.0.1:1", scheduler_file=path, asynchronous=True)
+    with pytest.raises(OSError, match="does not exist"):
+        await Client(scheduler_file=tmp_path / "none.json", timeout=0.2, asynchronous=True)

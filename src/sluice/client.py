@@ -27,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import os
 import threading
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -125,8 +128,12 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
         preload: str | Sequence[str] | None = None,
         preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
         preload_strict: bool | None = None,
+        scheduler_file: str | os.PathLike[str] | None = None,
     ) -> None:
         from sluice.preload import from_config, load_preloads, strict_from_config
+
+        if address is not None and scheduler_file is not None:
+            raise ValueError("give a scheduler address or scheduler_file=, not both")
 
         # Imported (and their arguments parsed) before connecting.
         self.preloads = load_preloads(*from_config("client", preload, preload_argv))
@@ -144,6 +151,7 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
         self.cluster: LocalCluster | None = None
         self._own_cluster = False
         self._address_arg = address
+        self.scheduler_file = scheduler_file
         self._scheduler_address: str | None = None
         self.run_id: str | None = None
         self._comm: Comm | None = None
@@ -190,6 +198,8 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
         self._aio_loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         address = self._address_arg
+        if self.scheduler_file is not None:
+            address = await _address_from_file(Path(self.scheduler_file), self.timeout)
         if address is None:
             from sluice.deploy import LocalCluster
 
@@ -792,3 +802,20 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             assert self._portal is not None
             self._portal.call(stream._subscribe)
         return stream
+
+
+async def _address_from_file(path: Path, timeout: float) -> str:
+    """The ``address`` in a scheduler file, waiting up to ``timeout`` s for it to appear
+    (a scheduler started at the same time may not have written it yet)."""
+    with anyio.move_on_after(timeout):
+        while not path.exists():
+            await anyio.sleep(0.05)  # polling a file: there is no event to wait on
+    try:
+        address = json.loads(path.read_text())["address"]
+    except FileNotFoundError:
+        raise OSError(f"scheduler file {str(path)!r} does not exist (waited {timeout}s)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OSError(f"cannot read the scheduler address from {str(path)!r}: {exc}") from None
+    if not isinstance(address, str):
+        raise OSError(f"no scheduler address in {str(path)!r}")
+    return address
