@@ -13,9 +13,15 @@ docs/contributing.md:
   with ``.venv/bin`` first on ``PATH``; every command must exit 0, except that
   ``exit=N`` is the status expected of the last one. Other lines are output, not
   checked.
+- ``script``: a console block's commands run as one bash script (``set -e``), so
+  a server started with ``&`` in one command is there for the next ones, and
+  ``kill %1`` / ``wait`` work as a user would type them.
 - ``session``: consecutive ``session`` blocks of one file (no other runnable block
   between them) share one temporary directory and run in order, as one test named
   after the first. Otherwise blocks share nothing.
+
+The working directory has the repository's ``examples/`` (a symlink), so blocks
+can use the example preloads and plugins as a user of a clone would.
 
 Each block (each command of a console block) has TIMEOUT seconds; whatever a block
 leaves running is killed with its process group.
@@ -52,6 +58,7 @@ class Block:
     body: list[str] = field(default_factory=list)
     exit: int = 0
     session: bool = False
+    script: bool = False
     error: str | None = None  # a misuse of the convention: the test fails with this
 
     @property
@@ -65,10 +72,12 @@ def _options(block: Block, opts: str) -> None:
             continue
         if opt == "session":
             block.session = True
+        elif opt == "script":
+            block.script = True
         elif re.fullmatch(r"exit=\d+", opt):
             block.exit = int(opt.partition("=")[2])
         else:
-            block.error = f"unknown runnable option {opt!r} (known: session, exit=N)"
+            block.error = f"unknown runnable option {opt!r} (known: session, script, exit=N)"
 
 
 def parse(text: str, file: str) -> list[Block]:
@@ -204,6 +213,10 @@ def run_block(block: Block, cwd: Path) -> None:
     cmds = commands(block.body)
     if not cmds:
         pytest.fail(f"{block.where}: a runnable console block with no '$ ' command", pytrace=False)
+    if block.script:
+        script = "set -e -o pipefail\n" + "\n".join(cmds) + "\n"
+        _run(["bash", "-c", script], cwd, f"{block.where} (script)", block.exit)
+        return
     for n, cmd in enumerate(cmds):
         expected = block.exit if n == len(cmds) - 1 else 0
         what = f"{block.where}: $ {cmd}"
@@ -222,6 +235,7 @@ def _params() -> list[object]:
 
 @pytest.mark.parametrize("group", _params())
 def test_runnable_block(group: list[Block], tmp_path: Path) -> None:
+    (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     for block in group:
         run_block(block, tmp_path)
 
