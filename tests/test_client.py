@@ -745,3 +745,15 @@ async def test_client_reads_the_scheduler_file_waiting_for_it(tmp_path: Path) ->
         Client("tcp://127.0.0.1:1", scheduler_file=path, asynchronous=True)
     with pytest.raises(OSError, match="does not exist"):
         await Client(scheduler_file=tmp_path / "none.json", timeout=0.2, asynchronous=True)
+
+
+def test_submit_on_futures_that_die_with_the_call() -> None:
+    """submit(f, client.map(...)): the map's futures are gone when submit returns; their
+    release must not reach the scheduler before the graph that depends on them."""
+    from sluice.deploy import LocalCluster
+
+    with LocalCluster(1, processes=False) as cluster, Client(cluster) as client:
+        for n in (10, 500):
+            total = client.submit(sum, client.map(abs, range(-n, n)), key=f"total-{n}")
+            assert total.result() == n * n
+            del total

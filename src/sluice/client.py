@@ -553,6 +553,7 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             raise RuntimeError(f"{self.id} is not running (status {self.status})")
         futures = self._acquire_futures(keys)
         msg = self._graph_msg(tasks, dep_map, keys, retries)
+        msg["held"] = self._hold_dependencies(tasks, dep_map)
         wanted = list(dict.fromkeys(keys))
 
         def on_reply(reply: dict[str, Any]) -> None:
@@ -573,6 +574,21 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             assert self._portal is not None
             self._portal.call(self._send_graph_and_wait, msg)
         return futures
+
+    def _hold_dependencies(
+        self, tasks: dict[Key, bytes], dep_map: dict[Key, tuple[Key, ...]]
+    ) -> tuple[Key, ...]:
+        """Count one more reference to each future this graph depends on, until the graph
+        is sent: in ``submit(f, client.map(...))`` the futures die with the call, and
+        their release must not reach the scheduler before the graph that needs them."""
+        held: list[Key] = []
+        with self._ref_lock:
+            for deps in dep_map.values():
+                for dep in deps:
+                    if dep not in tasks and dep in self._refcount:
+                        self._refcount[dep] += 1
+                        held.append(dep)
+        return tuple(held)
 
     def _cannot_fail(self, tasks: dict[Key, bytes], dep_map: dict[Key, tuple[Key, ...]]) -> bool:
         """Whether the scheduler surely accepts this graph: no cycle, and every
@@ -614,9 +630,14 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             state = self._states.get(k)
             if state is not None and state.status in ("cancelled", "lost"):
                 state.reset()
+        held = msg.pop("held", ())
         rid = next(self._rids)
         self._pending[rid] = _Pending(callback)
-        self._send({**msg, "rid": rid})
+        try:
+            self._send({**msg, "rid": rid})
+        finally:
+            for key in held:  # queued after the graph: released once it is on its way
+                self._release_later(key)
 
     async def _send_graph_and_wait(self, msg: dict[str, Any]) -> None:
         done = anyio.Event()
