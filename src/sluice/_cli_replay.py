@@ -172,12 +172,15 @@ def _print_summary(log: Path, summary: dict[str, Any]) -> None:
     for kind, n in summary["by_kind"].items():
         kinds.add_row(kind, str(n))
     console.print(kinds)
-    states = Table(title="tasks held by the scheduler, by state")
-    states.add_column("state")
-    states.add_column("tasks", justify="right")
-    for name, n in summary["task_states"].items():
-        states.add_row(name, str(n))
-    console.print(states)
+    if summary["task_states"]:
+        states = Table(title="tasks held by the scheduler, by state")
+        states.add_column("state")
+        states.add_column("tasks", justify="right")
+        for name, n in summary["task_states"].items():
+            states.add_row(name, str(n))
+        console.print(states)
+    else:
+        console.print("tasks held by the scheduler: none (every task released)")
     console.print(f"workers: {', '.join(summary['workers']) or 'none'}")
     for error in summary["errors"]:
         console.print(f"[red]erred[/] {error['key']!r}: {error['exception']}")

@@ -47,6 +47,8 @@ def configure_logging(fmt: LogFormat = "console", level: int | str = logging.INF
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # pika narrates every connection at INFO; the RabbitMQ sink logs what matters itself.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
