@@ -1,0 +1,331 @@
+"""The RabbitMQ sink's optional child-process publisher (``RabbitMQ(..., process=True)``).
+
+pika spends ~20-30 us of Python per message; in a thread that time holds the
+GIL the scheduler's event loop needs. With ``process=True`` the sink encodes each
+event (orjson, a few us) and sends each batch as one bytes blob down a pipe to a
+child process (``spawn``ed, so no state is inherited), which runs the same
+:class:`~sluice._amqp_publisher.ThreadBackend` as the in-process sink: memory,
+spool, confirms, reconnects, and the same close procedure.
+
+The blob is the spool's line format (:func:`~sluice._amqp_spool.encode_line`).
+A blob starting with a NUL byte is a command: ``b"\\0close <timeout>"``. The child
+reports back on the same pipe: ``("status", {...})`` every 50 ms and once more
+when it exits, and ``("log", level, text)`` for its log records, which the parent
+logs on ``sluice.sinks.rabbitmq``.
+
+The parent holds the spool directory's lock for the life of the sink (so a
+second sink on it fails at construction, as with the thread); the child uses the
+directory without locking it. If the child dies, the parent logs an error with
+the number of events it had not confirmed or spooled (they are lost), starts a
+new child, which first sends what is in the spool, and goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import multiprocessing.connection
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sluice._amqp_spool import DirectoryLock, Message, decode_line, encode_line
+
+__all__ = ("ProcessBackend",)
+
+logger = logging.getLogger("sluice.sinks.rabbitmq")
+
+_CLOSE = b"\0close "
+_REPORT_INTERVAL = 0.05
+
+
+class ProcessBackend:
+    """The parent side: hands encoded batches to the child, mirrors its status."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        encode: Callable[[Any], Message],
+        exchange: str,
+        queue: str | None,
+        spool_dir: Path,
+        segment_messages: int,
+        label: str,
+        **limits: Any,
+    ) -> None:
+        self.label = label
+        self.encode = encode
+        self._lock = DirectoryLock(Path(spool_dir))
+        self._config: dict[str, Any] = {
+            "url": url,
+            "exchange": exchange,
+            "queue": queue,
+            "spool_dir": str(spool_dir),
+            "segment_messages": segment_messages,
+            "label": label,
+            "limits": limits,
+        }
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._status: dict[str, Any] = {}
+        self._sent = 0  # events handed to the current child
+        self._carried: dict[str, int] = {}  # counters of children that died
+        self._lost = 0
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._closing = False
+
+    # -- the sink's backend interface ------------------------------------------------
+
+    def start(self) -> None:
+        # A plain subprocess, not multiprocessing: spawn would re-import the user's
+        # __main__ module, and fork is unsafe in a process with threads.
+        down_r, down_w = os.pipe()  # parent -> child: batches and commands
+        up_r, up_w = os.pipe()  # child -> parent: status and log records
+        _grow_pipe(down_w)
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parent.parent)  # the directory holding sluice/
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sluice._amqp_process", str(down_r), str(up_w)],
+                pass_fds=(down_r, up_w),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            os.close(down_r)
+            os.close(up_w)
+        self._conn = multiprocessing.connection.Connection(down_w, readable=False)
+        up = multiprocessing.connection.Connection(up_r, writable=False)
+        self._conn.send(self._config)
+        with self._cond:
+            self._status = {}
+            self._sent = 0
+        self._reader = threading.Thread(
+            target=self._read, args=(up,), name=f"sluice-rabbitmq-status-{self.label}"
+        )
+        self._reader.daemon = True
+        self._reader.start()
+
+    def submit(self, batch: Sequence[Any]) -> None:
+        data = b"".join([encode_line(self.encode(e)) for e in batch])
+        with self._send_lock:
+            try:
+                self._send(data)
+            except (OSError, EOFError, ValueError):
+                self._restart()
+                self._send(data)
+            with self._cond:
+                self._sent += len(batch)
+
+    def connected(self) -> bool:
+        return bool(self._status.get("connected", False))
+
+    def wait_confirmed(self, timeout: float | None) -> bool:
+        if self._proc is None:
+            return True  # never started: nothing was written
+
+        def done() -> bool:
+            s = self._status
+            return bool(s) and s.get("received") == self._sent and bool(s.get("idle"))
+
+        with self._cond:
+            return self._cond.wait_for(done, timeout)
+
+    def close(self, timeout: float) -> None:
+        self._closing = True
+        try:
+            if self._proc is not None:
+                with self._send_lock, contextlib.suppress(OSError, EOFError, ValueError):
+                    self._send(_CLOSE + str(timeout).encode())
+                try:
+                    self._proc.wait(timeout + 30)
+                except subprocess.TimeoutExpired:
+                    logger.error("RabbitMQ publisher process %s did not exit; killed", self.label)
+                    self._proc.kill()
+                    self._proc.wait(10)
+                if self._reader is not None:
+                    self._reader.join(10)
+                if self._conn is not None:
+                    self._conn.close()
+        finally:
+            self._lock.release()
+
+    def stats(self) -> dict[str, int]:
+        s = self._status
+        out: dict[str, int] = {}
+        for name in ("published", "confirmed", "spooled", "resent", "connections", "corrupt"):
+            out[name] = int(s.get(name, 0)) + self._carried.get(name, 0)
+        out["pending"] = int(s.get("pending", 0)) + self._sent - int(s.get("received", 0))
+        out["lost"] = self._lost
+        return out
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._conn is None:
+            raise OSError("no publisher process")
+        self._conn.send_bytes(data)
+
+    def _restart(self) -> None:
+        """The child died: account for what it held, start a new one."""
+        s = self._status
+        lost = self._sent - int(s.get("confirmed", 0)) - int(s.get("spooled", 0))
+        lost = max(lost, 0)
+        for name in ("published", "confirmed", "spooled", "resent", "connections", "corrupt"):
+            self._carried[name] = self._carried.get(name, 0) + int(s.get(name, 0))
+        self._lost += lost
+        code = self._proc.poll() if self._proc is not None else None
+        logger.error(
+            "RabbitMQ publisher process %s died (exit code %s); up to %d events it held"
+            " in memory are lost; starting a new one, which sends the spool first",
+            self.label,
+            code,
+            lost,
+        )
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+        self.start()
+
+    def _read(self, conn: multiprocessing.connection.Connection) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "status":
+                with self._cond:
+                    self._status = message[1]
+                    self._cond.notify_all()
+            elif message[0] == "log":
+                logger.log(message[1], "%s", message[2])
+        conn.close()
+        with self._cond:
+            self._cond.notify_all()
+
+
+# -- the child process -------------------------------------------------------------------
+
+
+class _PipeHandler(logging.Handler):
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._send_message = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send_message(("log", record.levelno, self.format(record)))
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection,
+    up: multiprocessing.connection.Connection,
+    config: dict[str, Any],
+) -> None:
+    """Run a ThreadBackend fed by the pipe until told to close (or the parent is gone)."""
+    from sluice._amqp_publisher import ThreadBackend
+    from sluice._amqp_url import check_pika_url
+
+    send_lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with send_lock, contextlib.suppress(OSError, ValueError):
+            up.send(message)
+
+    log = logging.getLogger("sluice.sinks.rabbitmq")
+    log.addHandler(_PipeHandler(send))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    backend = ThreadBackend(
+        check_pika_url(config["url"]),
+        exchange=config["exchange"],
+        queue=config["queue"],
+        encode=decode_line,
+        spool_dir=config["spool_dir"],
+        segment_messages=config["segment_messages"],
+        label=config["label"],
+        lock=False,
+        **config["limits"],
+    )
+    received = 0
+
+    def status(**extra: Any) -> dict[str, Any]:
+        got = received  # read before idle: submit() clears idle before received grows
+        s: dict[str, Any] = dict(backend.stats())
+        s.update(
+            received=got,
+            idle=backend.publisher.idle.is_set(),
+            connected=backend.connected(),
+            **extra,
+        )
+        return s
+
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(_REPORT_INTERVAL):
+            send(("status", status()))
+
+    reporter = threading.Thread(target=report, daemon=True)
+    backend.start()
+    reporter.start()
+    timeout = 5.0
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the parent is gone: close as it would have
+            if data.startswith(_CLOSE):
+                timeout = float(data[len(_CLOSE) :])
+                break
+            # Only split here; the publisher thread decodes (encode=decode_line), so
+            # this thread is back reading the pipe at once.
+            lines = data.split(b"\n")
+            if lines and not lines[-1]:
+                lines.pop()
+            backend.submit(lines)
+            received += len(lines)
+    finally:
+        backend.close(timeout)
+        stop.set()
+        reporter.join()
+        send(("status", status(closed=True)))
+        conn.close()
+        up.close()
+
+
+def _grow_pipe(fd: int) -> None:
+    """Make the pipe hold several batches (Linux), so write() rarely waits on the child."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
+    for size in (4 << 20, 1 << 20):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, set_size, size)
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sluice._amqp_process DOWN_FD UP_FD``: the child's entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    down = multiprocessing.connection.Connection(int(args[0]), writable=False)
+    up = multiprocessing.connection.Connection(int(args[1]), readable=False)
+    config = down.recv()
+    _child_main(down, up, config)
+
+
+if __name__ == "__main__":
+    main()
