@@ -294,9 +294,7 @@ def _split_argv(preloads: Sequence[Preload], argv: Sequence[str]) -> list[list[s
     if unknown:
         if not preloads:
             # Nothing to hand them to: to the user this is simply an unknown option.
-            raise PreloadError(
-                f"no such option: {unknown[0]} (and no --preload to take it)"
-            )
+            raise PreloadError(f"no such option: {unknown[0]} (and no --preload to take it)")
         raise PreloadError(f"unknown preload arguments: {' '.join(unknown)}")
     return shares
 
