@@ -20,6 +20,7 @@ the rendering, and this sink has to keep up with the scheduler.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import threading
@@ -42,8 +43,19 @@ _FAILED = frozenset({"erred", "error"})
 _UTC = datetime.UTC
 
 
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, _UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _iso(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, _UTC).isoformat().replace("+00:00", "Z")
+    """``seconds`` as UTC ISO 8601 with microseconds; the date part is computed once per
+    second (a busy scheduler logs thousands of events in each)."""
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return f"{_iso_second(whole)}.{micros:06d}Z"
 
 
 def _dumps(event_dict: dict[str, Any], **_: Any) -> bytes:
@@ -103,16 +115,15 @@ class JsonLog(Sink):
     def render(self, event: Event) -> bytes:
         """The JSON line (with its newline) this sink writes for ``event``."""
         fields = event.to_dict()
-        fields.pop("time", None)
-        kind = fields.pop("kind")
+        del fields["time"]
         event_dict: dict[str, Any] = {
             "timestamp": _iso(event.time),
             "level": "info",
             "logger": self.logger,
-            "event": kind,
+            "event": fields.pop("kind"),
             **fields,
         }
-        method = "error" if getattr(event, "finish", None) in _FAILED else "info"
+        method = "error" if fields.get("finish") in _FAILED else "info"
         out: Any = event_dict
         for processor in self._processors:
             out = processor(None, method, out)

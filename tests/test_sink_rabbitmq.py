@@ -760,3 +760,36 @@ def test_sinks_sharing_the_default_spool_each_get_a_slot_of_their_own(
         assert third.spool_dir == first.spool_dir
     finally:
         third.close()
+
+
+# -- backfill: sluice replay LOG --into amqp://... ------------------------------------------
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.anyio
+async def test_replay_into_backfills_a_queue_with_exactly_the_logged_events(
+    shared_queue: str, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from sluice.cli import main
+    from sluice.replay import read_header
+
+    log = tmp_path / "run.jsonl"
+    async with (
+        Scheduler(port=0, event_log=log) as s,
+        Worker(s.address, nthreads=2),
+        Client(s.address, asynchronous=True) as c,
+    ):
+        assert sum(await c.gather(c.map(slow_inc, range(100)))) == sum(range(1, 101))
+    events = list(read_events(log))
+    run_id = read_header(log)["run_id"]
+    url = f"{SHARED_URL}?queue={shared_queue}&kinds=all&spool={tmp_path / 'spool'}"
+    result = await anyio.to_thread.run_sync(
+        lambda: CliRunner().invoke(main, ["replay", str(log), "--into", url])
+    )
+    assert result.exit_code == 0, result.output
+    assert f"re-published {len(events)} events of run {run_id}" in result.output
+    got = drain(SHARED_URL, shared_queue, delete=False)
+    assert [mid for mid, _, _ in got] == [f"{run_id}:{e.seq}" for e in events]
+    assert [body for _, body, _ in got] == [orjson.loads(orjson.dumps(e.to_dict())) for e in events]

@@ -1,0 +1,250 @@
+"""What the sinks cost the scheduler, against no sinks and against Dask, in one run.
+
+Clusters of 2 worker processes x 1 thread run the same workload (``--tasks``
+independent ``inc``, default 10,000; worker event forwarding on):
+
+1. sluice with no sinks;
+2. sluice with every built-in sink on: ``counter``, a JSON log to a file, the
+   event log, and RabbitMQ (a queue on the broker at ``--amqp``), once with the
+   RabbitMQ sink publishing from a thread (the default) and once from a child
+   process (``process=true``);
+3. sluice with one sink at a time, to show where the cost is (skip with
+   ``--no-breakdown``);
+4. Dask distributed with no plugin;
+5. Dask distributed with the RabbitMQ scheduler plugin from its documentation,
+   which publishes from inside ``transition`` with a BlockingConnection.
+
+Figures are tasks/s from submission to the last result, the median of
+``--repeats`` runs after a warm-up. The table gives the two ratios the sinks
+are held to: (2)/(1), the cost of the sinks (target >= 0.85x), and (2)/(5)
+against the runtime ratio (1)/(4) (sluice with its sinks must be ahead of Dask
+with its plugin by at least as much as without). After the clusters, the
+RabbitMQ sink's sustained publish rate with confirms is measured on its own
+(``benchmarks/rabbitmq_rate.py``; target >= 15,000 events/s), and the queue
+the sluice run filled is checked to hold every event the sink was given.
+
+Run: ``.venv/bin/python benchmarks/sinks.py [--quick] [--repeats N] [--amqp URL]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# rabbitmq_rate.py sits next to this file.
+sys.path.insert(0, str(Path(__file__).parent))
+
+console = Console()
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def run_flat(client: Any, n: int) -> float:
+    start = time.perf_counter()
+    futures = client.map(inc, range(n), pure=False)
+    results = client.gather(futures)
+    elapsed = time.perf_counter() - start
+    if results != list(range(1, n + 1)):
+        raise SystemExit("wrong results")
+    del futures
+    return n / elapsed
+
+
+def measure(client: Any, n: int, repeats: int) -> float:
+    run_flat(client, max(n // 10, 10))  # warm-up: imports, connections, first pickles
+    return statistics.median(run_flat(client, n) for _ in range(repeats))
+
+
+def bench_sluice(n: int, repeats: int, parts: tuple[str, ...], amqp: str, queue: str) -> Any:
+    """tasks/s with the sinks named in ``parts`` (counter, json, eventlog, rabbitmq,
+    rabbitmq-process), and the RabbitMQ sink, to check what it delivered."""
+    from sluice._tuning import tune_process
+    from sluice.client import Client
+    from sluice.deploy import LocalCluster
+
+    tune_process()
+    sinks: list[Any] = []
+    rabbit = None
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        event_log = Path(tmp) / "events.jsonl" if "eventlog" in parts else None
+        if "counter" in parts:
+            sinks.append("counter")
+        if "json" in parts:
+            sinks.append(f"json-log://{tmp}/events.json")
+        for mode in ("rabbitmq", "rabbitmq-process"):
+            if mode in parts:
+                from sluice.sinks.rabbitmq import RabbitMQ
+
+                sep = "&" if "?" in amqp else "?"
+                process = "true" if mode == "rabbitmq-process" else "false"
+                rabbit = RabbitMQ.from_url(
+                    f"{amqp}{sep}queue={queue}&spool={Path(tmp) / 'spool'}&process={process}"
+                )
+                sinks.append(rabbit)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, sinks=sinks, event_log=event_log
+        )
+        with cluster, Client(cluster) as client:
+            rate = measure(client, n, repeats)
+        # The cluster is closed: every sink was drained and closed.
+    return rate, rabbit
+
+
+def bench_dask(n: int, repeats: int, rabbit_host: str | None, queue: str) -> float:
+    import dask
+    from distributed import Client, LocalCluster
+
+    dask.config.set({"distributed.worker.daemon": False})
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        if rabbit_host is not None:
+            cluster.scheduler.add_plugin(_dask_docs_plugin(rabbit_host, queue))
+        return measure(client, n, repeats)
+
+
+def _dask_docs_plugin(host: str, queue: str) -> Any:
+    """The RabbitMQ plugin of Dask's scheduler-plugin documentation, as written there."""
+    import pika
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class RabbitMQPlugin(SchedulerPlugin):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.queue = queue
+            self.connection = pika.BlockingConnection(pika.ConnectionParameters(host=host))
+            self.channel = self.connection.channel()
+            self.channel.queue_declare(queue=queue, durable=True)
+
+        def transition(self, key: Any, start: str, finish: str, *args: Any, **kw: Any) -> None:
+            message = {"key": key, "start": start, "finish": finish}
+            self.channel.basic_publish(
+                exchange="",
+                routing_key=self.queue,
+                body=json.dumps(message, default=str),
+                properties=pika.BasicProperties(delivery_mode=2),
+            )
+
+        async def close(self) -> None:
+            self.connection.close()
+
+    return RabbitMQPlugin()
+
+
+def queue_depth_and_delete(url: str, queue: str) -> int:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        depth = channel.queue_declare(queue=queue, passive=True).method.message_count
+        channel.queue_delete(queue=queue)
+        return int(depth)
+    finally:
+        connection.close()
+
+
+ALL = ("counter", "json", "eventlog")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2,000 tasks, 1 repeat (CI smoke)")
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--rate-events", type=int, default=200_000)
+    parser.add_argument(
+        "--no-breakdown", action="store_true", help="skip the runs with one sink at a time"
+    )
+    args = parser.parse_args()
+    n = 2_000 if args.quick else args.tasks
+    repeats = 1 if args.quick else args.repeats
+    try:
+        import distributed  # noqa: F401
+        import pika  # noqa: F401
+    except ImportError:
+        sys.exit("needs the bench and rabbitmq extras: pip install -e '.[bench,rabbitmq]'")
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(args.amqp).hostname or "localhost"
+    tag = uuid.uuid4().hex[:8]
+    runs: list[tuple[str, tuple[str, ...]]] = [
+        ("sluice, no sinks", ()),
+        ("sluice, all sinks (RabbitMQ from a thread)", (*ALL, "rabbitmq")),
+        ("sluice, all sinks (RabbitMQ from a child process)", (*ALL, "rabbitmq-process")),
+    ]
+    if not args.no_breakdown:
+        runs += [
+            (f"sluice, {part} only", (part,))
+            for part in ("counter", "json", "eventlog", "rabbitmq", "rabbitmq-process")
+        ]
+    rates: dict[str, float] = {}
+    delivered: list[tuple[str, dict[str, int], int]] = []
+    for i, (label, parts) in enumerate(runs):
+        with console.status(f"{label}..."):
+            queue = f"sluice-bench-{tag}-{i}"
+            rates[label], rabbit = bench_sluice(n, repeats, parts, args.amqp, queue)
+            if rabbit is not None:
+                delivered.append((label, rabbit.stats(), queue_depth_and_delete(args.amqp, queue)))
+    dask_queue = f"dask-bench-{tag}"
+    with console.status("Dask, no plugin..."):
+        rates["Dask, no plugin"] = bench_dask(n, repeats, None, dask_queue)
+    with console.status("Dask, the docs' RabbitMQ plugin..."):
+        rates["Dask, RabbitMQ plugin from its docs"] = bench_dask(n, repeats, host, dask_queue)
+    queue_depth_and_delete(args.amqp, dask_queue)
+
+    table = Table(title=f"sinks: {n:,} independent inc, 2 worker processes x 1 thread")
+    table.add_column("cluster")
+    table.add_column("tasks/s", justify="right")
+    table.add_column("vs no sinks", justify="right")
+    base = rates["sluice, no sinks"]
+    for label, rate in rates.items():
+        vs = f"{rate / base:.2f}x" if label.startswith("sluice") else ""
+        table.add_row(label, f"{rate:,.0f}", vs)
+    console.print(table)
+    runtime = base / rates["Dask, no plugin"]
+    dask_rabbit = rates["Dask, RabbitMQ plugin from its docs"]
+    ratios = Table(title="ratios")
+    ratios.add_column("measure")
+    ratios.add_column("value", justify="right")
+    ratios.add_column("target", justify="right")
+    for label, _ in runs[1:3]:
+        ratios.add_row(f"{label} / no sinks", f"{rates[label] / base:.2f}x", ">= 0.85x")
+    ratios.add_row("runtime ratio: sluice / Dask (no sinks, no plugin)", f"{runtime:.2f}x", "")
+    for label, _ in runs[1:3]:
+        ratios.add_row(
+            f"{label} / Dask with the RabbitMQ plugin",
+            f"{rates[label] / dask_rabbit:.2f}x",
+            f">= {runtime:.2f}x",
+        )
+    console.print(ratios)
+    for label, stats, depth in delivered:
+        console.print(
+            f"{label}: the sink published {stats['published']:,}, confirmed"
+            f" {stats['confirmed']:,}, spooled {stats['spooled']:,}; the queue held {depth:,}"
+        )
+
+    from rabbitmq_rate import measure_rate
+
+    with console.status("RabbitMQ sink sustained rate..."):
+        rate = measure_rate(args.amqp, 20_000 if args.quick else args.rate_events)
+    console.print(f"RabbitMQ sink sustained rate with confirms: {rate:,.0f} events/s (>= 15,000)")
+
+
+if __name__ == "__main__":
+    main()
