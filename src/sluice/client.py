@@ -492,14 +492,19 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             raise TypeError("the first argument of submit must be callable")
         pack = FunctionPack(fn)
         deps: set[Key] = set()
-        args = replace_futures(args, deps, Future)
-        kwargs = replace_futures(kwargs, deps, Future)
-        spec, args_data = pack.spec(args, kwargs)
+        # The arguments may hold the only references to their futures (submit(f,
+        # client.map(...))): kept alive until the graph holds its dependencies.
+        given = (args, kwargs)
+        spec, args_data = pack.spec(
+            replace_futures(args, deps, Future), replace_futures(kwargs, deps, Future)
+        )
         if key is None:
             key = pack.key(args_data, pure)
         tasks = {key: spec}
         dep_map = {key: tuple(deps)}
-        return self._submit_graph(tasks, dep_map, [key], retries)[0]
+        future = self._submit_graph(tasks, dep_map, [key], retries)[0]
+        del given
+        return future
 
     def map(
         self,
@@ -521,6 +526,7 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
         if isinstance(key, str):
             pack.name = key
         kw_deps: set[Key] = set()
+        given_kwargs = kwargs  # alive until the graph holds its dependencies (see submit)
         kwargs = replace_futures(kwargs, kw_deps, Future)
         calls = list(zip(*iterables, strict=False))
         keys_given = key if isinstance(key, list) else None
@@ -540,7 +546,9 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             if k not in tasks:
                 tasks[k] = spec
                 dep_map[k] = tuple(deps)
-        return self._submit_graph(tasks, dep_map, keys, retries)
+        futures = self._submit_graph(tasks, dep_map, keys, retries)
+        del given_kwargs
+        return futures
 
     def _submit_graph(
         self,
