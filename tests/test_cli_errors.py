@@ -85,7 +85,13 @@ CASES = [
     (
         ["scheduler", "--port", "0", "--bogus"],
         {},
-        1,
+        2,
+        "Error: no such option: --bogus (and no --preload to take it)",
+    ),
+    (
+        ["worker", "tcp://127.0.0.1:9", "--bogus"],
+        {},
+        2,
         "Error: no such option: --bogus (and no --preload to take it)",
     ),
     (

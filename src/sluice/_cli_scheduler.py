@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import click
 
-from sluice._cli_common import OneLineCommand, security_from_options
+from sluice._cli_common import OneLineCommand, OneLineUsageError, security_from_options
 
 __all__ = ("scheduler",)
 
@@ -136,6 +136,7 @@ def scheduler(
     """
     from sluice._logging import configure_logging
     from sluice._tuning import tune_process
+    from sluice.preload import PreloadArgumentError
     from sluice.scheduler import Scheduler
 
     security = _security(tls_ca_file, tls_cert, tls_key, auth_token_file)
@@ -153,6 +154,8 @@ def scheduler(
             preload_argv=list(ctx.args) if preload else (list(ctx.args) or None),
             preload_strict=preload_strict,
         )
+    except PreloadArgumentError as exc:
+        raise OneLineUsageError(str(exc)) from None
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(log_format, log_level.upper())  # type: ignore[arg-type]

@@ -23,7 +23,12 @@ from typing import Any
 import anyio
 import click
 
-from sluice._cli_common import OneLineCommand, scheduler_address, security_from_options
+from sluice._cli_common import (
+    OneLineCommand,
+    OneLineUsageError,
+    scheduler_address,
+    security_from_options,
+)
 
 __all__ = ("worker",)
 
@@ -367,6 +372,10 @@ async def _serve(make: Any, n: int, nanny_fd: int | None) -> int:
     if lifeline is not None:
         lifeline.close()
     if error is not None:
+        from sluice.preload import PreloadArgumentError
+
+        if isinstance(error, PreloadArgumentError):
+            raise OneLineUsageError(str(error))
         raise click.ClickException(str(error) or type(error).__name__)
     if signalled:
         return 0

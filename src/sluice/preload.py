@@ -66,6 +66,10 @@ class PreloadError(ValueError):
     """A preload that cannot be loaded, or arguments that cannot be given to it (one line)."""
 
 
+class PreloadArgumentError(PreloadError):
+    """Command-line arguments that no preload takes: a usage error (exit status 2)."""
+
+
 def _short(value: str) -> str:
     """How a preload is named in messages: a script's text is cut to its first line."""
     if ("\n" in value or " " in value) and not value.startswith("https://"):
@@ -182,6 +186,15 @@ class Preload:
         self.teardown_hook: Any = next(
             (getattr(module, n) for n in _TEARDOWN_NAMES if hasattr(module, n)), None
         )
+        for names in (_SETUP_NAMES, _TEARDOWN_NAMES):
+            if all(hasattr(module, n) for n in names):
+                logger.warning(
+                    "preload %r defines both %s and %s; only %s runs",
+                    value,
+                    names[0],
+                    names[1],
+                    names[0],
+                )
         self.argv: list[str] = []
         self._ctx: click.Context | None = None
 
@@ -199,7 +212,7 @@ class Preload:
         command = self.command
         if command is None:
             if self.argv:
-                raise PreloadError(
+                raise PreloadArgumentError(
                     f"unknown preload arguments: {' '.join(self.argv)}"
                     f" (preload {self.name!r} takes none)"
                 )
@@ -294,8 +307,10 @@ def _split_argv(preloads: Sequence[Preload], argv: Sequence[str]) -> list[list[s
     if unknown:
         if not preloads:
             # Nothing to hand them to: to the user this is simply an unknown option.
-            raise PreloadError(f"no such option: {unknown[0]} (and no --preload to take it)")
-        raise PreloadError(f"unknown preload arguments: {' '.join(unknown)}")
+            raise PreloadArgumentError(
+                f"no such option: {unknown[0]} (and no --preload to take it)"
+            )
+        raise PreloadArgumentError(f"unknown preload arguments: {' '.join(unknown)}")
     return shares
 
 
@@ -318,7 +333,7 @@ def load_preloads(
         if len(arg_list) > len(loaded):
             extra = [" ".join(map(str, a)) for a in arg_list[len(loaded) :] if a]
             if extra:
-                raise PreloadError(f"unknown preload arguments: {' '.join(extra)}")
+                raise PreloadArgumentError(f"unknown preload arguments: {' '.join(extra)}")
         shares = [[str(t) for t in a] for a in arg_list] + [[]] * (len(loaded) - len(arg_list))
     else:
         shares = [[] for _ in loaded]
