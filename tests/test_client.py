@@ -735,7 +735,8 @@ async def test_client_reads_the_scheduler_file_waiting_for_it(tmp_path: Path) ->
             done.set()
 
         tg.start_soon(use_client)
-        await anyio.wait_all_tasks_blocked()
+        for _ in range(5):  # let the client start and look for the file at least once
+            await anyio.lowlevel.checkpoint()
         assert not path.exists()
         async with Scheduler(port=0, scheduler_file=path) as s, Worker(s.address):
             with anyio.fail_after(30):
