@@ -210,3 +210,22 @@ async def test_summary_of_a_real_run_equals_the_live_schedulers(tmp_path: Path) 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_a_long_log_is_read_with_a_progress_line_on_a_terminal(log: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from sluice._cli_replay import _read_with_progress
+    from sluice.replay import read_events
+
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=80)
+    events = _read_with_progress(log, None, console=terminal, threshold=0)
+    assert events == list(read_events(log))
+    assert "reading events.jsonl" in out.getvalue()
+    assert _read_with_progress(log, 4, console=terminal, threshold=0) == events[:4]
+    quiet = io.StringIO()
+    assert _read_with_progress(log, None, console=Console(file=quiet)) == events
+    assert quiet.getvalue() == ""  # not a terminal: nothing drawn

@@ -43,6 +43,42 @@ def _summary(events: list[Any], state: Any, header: dict[str, Any]) -> dict[str,
     }
 
 
+def _read_with_progress(
+    log: Path, at: int | None, *, console: Any = None, threshold: int = 20_000_000
+) -> list[Any]:
+    """The log's events up to ``at``; a progress line on a terminal's stderr while a long
+    log (``threshold`` bytes or more) is read: a million events take a few seconds."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from sluice.replay import read_events
+
+    size = sum(p.stat().st_size for p in [log, *sorted(log.parent.glob(log.name + ".*"))])
+    console = console or Console(stderr=True)
+    events: list[Any] = []
+    if not console.is_terminal or size < threshold:
+        for event in read_events(log):
+            if at is not None and event.seq > at:
+                break
+            events.append(event)
+        return events
+    with Progress(
+        TextColumn(f"reading {log.name}"),
+        BarColumn(),
+        TextColumn("{task.completed:,} events"),
+        console=console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("read", total=None)
+        for event in read_events(log):
+            if at is not None and event.seq > at:
+                break
+            events.append(event)
+            if len(events) % 10_000 == 0:
+                progress.update(bar, completed=len(events))
+    return events
+
+
 def _concerns(event: Any, key: Any) -> bool:
     return (
         getattr(event, "key", None) == key
@@ -123,11 +159,11 @@ def replay(
 ) -> None:
     """Summarise the run recorded in the event log LOG (and its rotated files)."""
     from sluice._core.scheduler_state import SchedulerState
-    from sluice.replay import EventLogError, read_events, read_header
+    from sluice.replay import EventLogError, read_header
 
     try:
         header = read_header(log)
-        events = [e for e in read_events(log) if at is None or e.seq <= at]
+        events = _read_with_progress(log, at)
         state = SchedulerState.from_events(events)
     except FileNotFoundError:
         raise click.ClickException(f"no such event log: {log}") from None
