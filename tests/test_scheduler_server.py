@@ -600,3 +600,21 @@ def test_cli_runs_until_sigterm_and_flushes_the_log(tmp_path: Path) -> None:
     assert again.returncode != 0
     lines = again.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "already exists" in lines[0], lines
+
+
+async def test_a_worker_that_closes_cleanly_says_so() -> None:
+    """The event log tells a clean stop from a crash: 'worker closed (...)', not
+    'connection lost'."""
+    from sluice.testing import Recorder
+    from sluice.worker import Worker
+
+    async with Scheduler(port=0) as s:
+        recorder = Recorder(kinds=["worker-removed"])
+        recorder.attach(s)
+        worker = Worker(s.address)
+        await worker.start()
+        address = worker.address
+        await worker.close()
+        removed = await recorder.wait_for(lambda e: isinstance(e, WorkerRemoved), timeout=10)
+    assert (removed.worker, removed.reason) == (address, "worker closed (closed)")
+    assert len(recorder.events) == 1

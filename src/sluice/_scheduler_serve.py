@@ -320,6 +320,9 @@ class SchedulerServing:
                     self._worker_events(address, msg.get("events") or ())
                 elif op == "heartbeat":
                     continue  # last_seen was updated for the whole frame
+                elif op == "closing":
+                    self._remove_worker(address, f"worker closed ({msg.get('reason')})")
+                    return
                 elif op == "reply":
                     self._answered(conn, msg)
                 elif msg.get("rid") is not None:

@@ -370,6 +370,10 @@ class Worker(WorkerPlugins):
         await teardown_preloads(self.preloads, self)  # before the bus is drained
         self._flush_forward()
         assert self._batched is not None and self._comm is not None
+        if self.close_reason not in ("scheduler-close", "scheduler-lost", "scheduler-restart"):
+            # Said, so the scheduler (and its event log) can tell a clean stop from a crash.
+            with contextlib.suppress(CommClosedError):
+                self._batched.send({"op": "closing", "reason": self.close_reason})
         with anyio.move_on_after(5):
             await self._batched.aclose()
         await self._comm.aclose()
