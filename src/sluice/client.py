@@ -63,6 +63,7 @@ from sluice._client_futures import (
     wait,
 )
 from sluice._client_plugins import ClientPlugins
+from sluice._client_refs import ReferenceCounts
 from sluice._client_spec import FunctionPack, replace_futures
 from sluice.comm import BatchedSend, Comm, CommClosedError, connect
 from sluice.events import Key, from_dict
@@ -107,7 +108,7 @@ class _Pending:
         self.callback = callback
 
 
-class Client(ClientPlugins, _loop.SyncOrAsync):
+class Client(ClientPlugins, ReferenceCounts, _loop.SyncOrAsync):
     """Connect to a sluice scheduler (or start a :class:`LocalCluster`) and run tasks.
 
     ``address`` is ``"tcp://host:port"``, a :class:`~sluice.deploy.LocalCluster`, or
@@ -417,57 +418,6 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             return load_exception(reply)
         return RuntimeError(f"{op} failed on the scheduler: {text}")
 
-    # -------------------------------------------------------- reference counts
-
-    def _acquire(self, key: Key) -> FutureState:
-        with self._ref_lock:
-            self._refcount[key] = self._refcount.get(key, 0) + 1
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = FutureState(key)
-            return state
-
-    def _acquire_futures(self, keys: list[Key]) -> list[Future]:
-        """One Future per key, counted under a single lock (map makes thousands)."""
-        refcount, states, held = self._refcount, self._states, Future._held
-        out = []
-        with self._ref_lock:
-            for key in keys:
-                refcount[key] = refcount.get(key, 0) + 1
-                state = states.get(key)
-                if state is None:
-                    state = states[key] = FutureState(key)
-                out.append(held(key, self, state))
-        return out
-
-    def _release_later(self, key: Key) -> None:
-        """Called by a Future going away, on any thread, maybe inside the GC: it only
-        queues, and the loop does the counting (:meth:`_process_releases`)."""
-        self._releases.append(key)
-        if not self._release_scheduled and self._aio_loop is not None:
-            self._release_scheduled = True
-            # RuntimeError: the loop is closed, nothing left to tell.
-            with contextlib.suppress(RuntimeError):
-                self._aio_loop.call_soon_threadsafe(self._process_releases)
-
-    def _process_releases(self) -> None:
-        self._release_scheduled = False
-        gone: list[Key] = []
-        releases = self._releases
-        with self._ref_lock:
-            while releases:
-                key = releases.popleft()
-                count = self._refcount.get(key, 0) - 1
-                if count > 0:
-                    self._refcount[key] = count
-                else:
-                    self._refcount.pop(key, None)
-                    self._states.pop(key, None)
-                    gone.append(key)
-        if gone and self.status == "running":
-            with contextlib.suppress(CommClosedError):
-                self._send({"op": "release-keys", "keys": tuple(gone)})
-
     # ------------------------------------------------------------- submitting
 
     def submit(
@@ -582,21 +532,6 @@ class Client(ClientPlugins, _loop.SyncOrAsync):
             assert self._portal is not None
             self._portal.call(self._send_graph_and_wait, msg)
         return futures
-
-    def _hold_dependencies(
-        self, tasks: dict[Key, bytes], dep_map: dict[Key, tuple[Key, ...]]
-    ) -> tuple[Key, ...]:
-        """Count one more reference to each future this graph depends on, until the graph
-        is sent: in ``submit(f, client.map(...))`` the futures die with the call, and
-        their release must not reach the scheduler before the graph that needs them."""
-        held: list[Key] = []
-        with self._ref_lock:
-            for deps in dep_map.values():
-                for dep in deps:
-                    if dep not in tasks and dep in self._refcount:
-                        self._refcount[dep] += 1
-                        held.append(dep)
-        return tuple(held)
 
     def _cannot_fail(self, tasks: dict[Key, bytes], dep_map: dict[Key, tuple[Key, ...]]) -> bool:
         """Whether the scheduler surely accepts this graph: no cycle, and every
