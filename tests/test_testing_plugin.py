@@ -565,8 +565,9 @@ def test_an_unrelated_test_suite_runs_as_before(pytester: pytest.Pytester) -> No
     pytester.makepyfile(
         test_plain="""
         import warnings
-        def test_ok():
-            assert 1 + 1 == 2
+        def test_ok(tmp_path):
+            (tmp_path / "x.txt").write_text("y")
+            assert (tmp_path / "x.txt").read_text() == "y"
         """
     )
     with_plugin = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-W", "error")

@@ -181,7 +181,8 @@ class RoutingKey:
         except ValueError as exc:  # a bad conversion or format spec
             raise ValueError(f"routing_key template {template!r} is invalid: {exc}") from None
         except (KeyError, IndexError, AttributeError, TypeError):
-            pass  # may well work for other events (e.g. {key[1]} with tuple keys)
+            # Fields this sample lacks may well be in other events ({key[1]}, tuple keys).
+            return
 
     def __call__(self, fields: Mapping[str, Any]) -> str:
         if self.constant:
