@@ -14,8 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,14 @@ import pytest
 
 from sluice.client import Client
 from sluice.events import Key
+from sluice_processes import SLUICE, SluiceProcesses, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 # The scheduler process cannot import this module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-SLUICE = [sys.executable, "-m", "sluice"]
 TRANSITIONS = [("released", "waiting"), ("waiting", "processing"), ("processing", "memory")]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition another process makes true (there is no event to await across them)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 # Run on the scheduler, through Client.run_on_scheduler.
@@ -64,49 +54,19 @@ def fail(x: int) -> int:
     raise ZeroDivisionError(f"bad input {x}")
 
 
-class Cluster:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.scheduler_file = folder / "scheduler.json"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Any] = []
-
+class Cluster(SluiceProcesses):
     def start(self) -> None:
-        self.scheduler = self._spawn(
+        self.scheduler = self.spawn(
             "scheduler", "--port", "0", "--scheduler-file", str(self.scheduler_file)
         )
         wait_until(self.scheduler_file.exists, 30, "the scheduler file")
-        self._spawn(
+        self.spawn(
             "worker",
             "--scheduler-file",
             str(self.scheduler_file),
             "--no-nanny",
             "--no-forward-events",
         )
-
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.folder / f"{args[0]}.log", "wb")  # noqa: SIM115
-        self.logs.append(log)
-        proc = subprocess.Popen([*SLUICE, *args], stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    @property
-    def address(self) -> str:
-        return str(json.loads(self.scheduler_file.read_text())["address"])
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self.logs:
-            log.close()
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ Client, and read the scheduler's event log afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from sluice import SchedulerState
 from sluice.client import Client
 from sluice.events import TaskTransition, WorkerRemoved
 from sluice.replay import read_events
+from sluice_processes import SluiceProcesses, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,28 +29,14 @@ pytestmark = pytest.mark.timeout(180)
 # functions by value, as they would a user's script.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-SLUICE = [sys.executable, "-m", "sluice"]
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition another process makes true (there is no event to await across them)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Cluster:
+class Cluster(SluiceProcesses):
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.scheduler_file = folder / "scheduler.json"
+        super().__init__(folder)
         self.event_log = folder / "events.jsonl"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.log_files: list[Any] = []
 
     def start(self, n_workers: int = 2) -> None:
-        self.scheduler = self._spawn(
+        self.scheduler = self.spawn(
             "scheduler",
             "--port",
             "0",
@@ -62,34 +47,7 @@ class Cluster:
         )
         wait_until(self.scheduler_file.exists, 30, "the scheduler file")
         for i in range(n_workers):
-            self._spawn("worker", "--scheduler-file", str(self.scheduler_file), "--name", f"w{i}")
-
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.folder / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        self.log_files.append(log)
-        proc = subprocess.Popen([*SLUICE, *args], stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    @property
-    def address(self) -> str:
-        return str(json.loads(self.scheduler_file.read_text())["address"])
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self.log_files:
-            log.close()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.folder.glob("*.log")))
+            self.spawn("worker", "--scheduler-file", str(self.scheduler_file), "--name", f"w{i}")
 
 
 @pytest.fixture
