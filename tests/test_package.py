@@ -91,3 +91,42 @@ def test_demo_refuses_a_rabbitmq_option_that_is_not_an_amqp_url() -> None:
     )
     assert done.returncode == 2
     assert "expected an amqp:// or amqps:// URL" in done.stderr
+
+
+def test_demo_streams_to_rabbitmq_with_the_option(tmp_path: Path) -> None:
+    import os
+    import socket
+    import uuid
+
+    import pika
+    import pytest
+
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("RabbitMQ is not running at 127.0.0.1:5672 (CI must run this test)")
+        pytest.skip("RabbitMQ is not running at 127.0.0.1:5672")
+    queue = f"sluice-demo-test-{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@127.0.0.1:5672/%2F?queue={queue}&spool={tmp_path / 'spool'}"
+    done = subprocess.run(
+        [str(BIN / "sluice"), "demo", "--tasks", "20", "--out", str(tmp_path), "--rabbitmq", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "RabbitMQ:  every event published to amqp://guest:***@127.0.0.1" in done.stdout
+    from sluice.replay import read_events
+
+    transitions = [e for e in read_events(tmp_path / "events.jsonl") if e.kind == "task-transition"]
+    connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/"))
+    try:
+        channel = connection.channel()
+        depth = channel.queue_declare(queue, passive=True).method.message_count
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+    # The sink's default kinds: every task transition, the workers' forwarded ones too.
+    assert depth == len(transitions) > 0
