@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -17,7 +18,11 @@ __all__ = (
     "parse_key",
     "scheduler_address",
     "security_from_options",
+    "sink_and_log_options",
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class OneLineUsageError(click.UsageError):
@@ -150,3 +155,39 @@ def scheduler_address(address: str | None, scheduler_file: Path | None, timeout:
     if not isinstance(found, str):
         raise click.ClickException(f"no scheduler address in {str(scheduler_file)!r}")
     return found
+
+
+def sink_and_log_options(service: str) -> Callable[[F], F]:
+    """``--sink``, ``--log-format`` and ``--log-level``, as every service takes them."""
+    options = [
+        click.option(
+            "--sink",
+            "sinks",
+            multiple=True,
+            metavar="SPEC",
+            help="Send every event to this sink: counter, errors, json-log:stderr,"
+            " json-log:///path, eventlog:///path, amqp://... (repeatable; default: config"
+            f" sluice.{service}.sinks).",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["console", "json"]),
+            default="console",
+            show_default=True,
+            help="console: readable lines; json: one JSON object per line, for log shippers.",
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default="info",
+            show_default=True,
+            help="The lowest level of sluice's own log lines that is shown.",
+        ),
+    ]
+
+    def apply(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply

@@ -20,7 +20,12 @@ from typing import Any
 import anyio
 import click
 
-from sluice._cli_common import OneLineCommand, OneLineUsageError, security_from_options
+from sluice._cli_common import (
+    OneLineCommand,
+    OneLineUsageError,
+    security_from_options,
+    sink_and_log_options,
+)
 
 __all__ = ("scheduler",)
 
@@ -66,28 +71,7 @@ def _security(
     default=None,
     help="Record every event of the run in this file (must not exist yet).",
 )
-@click.option(
-    "--sink",
-    "sinks",
-    multiple=True,
-    metavar="SPEC",
-    help="Send every event to this sink: counter, errors, json-log:stderr, json-log:///path,"
-    " eventlog:///path, amqp://... (repeatable; default: config sluice.scheduler.sinks).",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="console: readable lines; json: one JSON object per line, for log shippers.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="The lowest level of sluice's own log lines that is shown.",
-)
+@sink_and_log_options("scheduler")
 @click.option("--tls-ca-file", default=None, help="CA certificate (clients must present one).")
 @click.option("--tls-cert", default=None, help="The scheduler's TLS certificate (enables TLS).")
 @click.option("--tls-key", default=None, help="The key of --tls-cert.")

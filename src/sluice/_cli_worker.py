@@ -28,6 +28,7 @@ from sluice._cli_common import (
     OneLineUsageError,
     scheduler_address,
     security_from_options,
+    sink_and_log_options,
 )
 
 __all__ = ("worker",)
@@ -98,28 +99,7 @@ def _security(
     show_default=True,
     help="Worker port (0: any free port).",
 )
-@click.option(
-    "--sink",
-    "sinks",
-    multiple=True,
-    metavar="SPEC",
-    help="Send every event to this sink: counter, errors, json-log:stderr, json-log:///path,"
-    " eventlog:///path, amqp://... (repeatable; default: config sluice.worker.sinks).",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-    help="console: readable lines; json: one JSON object per line, for log shippers.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="The lowest level of sluice's own log lines that is shown.",
-)
+@sink_and_log_options("worker")
 @click.option("--tls-ca-file", default=None, help="CA certificate (enables TLS).")
 @click.option("--tls-cert", default=None, help="This process's TLS certificate.")
 @click.option("--tls-key", default=None, help="The key of --tls-cert.")
