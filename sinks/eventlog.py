@@ -45,6 +45,7 @@ import orjson
 from sluice._core.logfile import FORMAT, existing_segments, segment_path
 from sluice.events import SCHEMA_VERSION
 from sluice.sinks import Sink
+from sluice.sinks._json import event_json
 
 if TYPE_CHECKING:
     from sluice.events import Event
@@ -240,29 +241,14 @@ class EventLog(Sink):
 
 def _encode(batch: Sequence[Event]) -> bytes:
     """One newline-terminated line per event, as a single bytes object."""
-    dumps = orjson.dumps
-    try:
-        return b"".join([dumps(e.to_dict(), option=_NL) for e in batch])
-    except orjson.JSONEncodeError:
-        pass
-    # Some event does not encode (a UserEvent whose msg is not JSON-safe).
-    # Keep every other event of the batch and record that one as best we can.
     lines = []
     for e in batch:
         try:
-            lines.append(dumps(e.to_dict(), option=_NL))
-        except orjson.JSONEncodeError as exc:
-            logger.warning(
-                "event seq=%s (%s) is not JSON-safe (%s); logging repr() of the bad values",
-                e.seq,
-                e.kind,
-                exc,
-            )
-            try:
-                lines.append(dumps(e.to_dict(), default=repr, option=_NL | orjson.OPT_NON_STR_KEYS))
-            except orjson.JSONEncodeError:
-                logger.error("event seq=%s (%s) dropped from the event log", e.seq, e.kind)
-    return b"".join(lines)
+            lines.append(event_json(e))
+        except Exception:  # even its repr() failed: keep the rest of the batch
+            logger.error("event seq=%s (%s) dropped from the event log", e.seq, e.kind)
+    lines.append(b"")
+    return b"\n".join(lines)
 
 
 def _write_all(f: IO[bytes], data: bytes) -> None:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import click
-import orjson
 
 from sluice._amqp_publisher import ThreadBackend  # raises the pip-install hint without pika
 from sluice._amqp_spool import Message, SpoolInUseError
@@ -51,6 +50,7 @@ from sluice._amqp_url import (
 )
 from sluice.events import Event, TaskTransition
 from sluice.sinks import Sink
+from sluice.sinks._json import event_json
 
 __all__ = ("DEFAULT_QUEUE", "RabbitMQ", "SpoolInUseError", "sluice_setup")
 
@@ -228,21 +228,22 @@ class RabbitMQ(Sink):
         return self._run_id
 
     def _encode(self, event: Event) -> Message:
-        fields = event.to_dict()
         prefix = self._id_prefix
         if prefix is None:
             prefix = self._id_prefix = f"{self.run_id}:"
-        try:
-            body = orjson.dumps(fields)
-        except orjson.JSONEncodeError as exc:
-            logger.warning(
-                "event seq=%s (%s) is not JSON-safe (%s); sending repr() of the bad values",
-                event.seq,
-                event.kind,
-                exc,
-            )
-            body = orjson.dumps(fields, default=repr, option=orjson.OPT_NON_STR_KEYS)
-        return f"{prefix}{event.seq}", self.routing_key(fields), body
+        body = event_json(event)
+        routing_key = self.routing_key
+        # A queue's routing key is its name: no need to build the event's dict.
+        key = routing_key.template if routing_key.constant else routing_key(event.to_dict())
+        return f"{prefix}{event.seq}", key, body
+
+    def _own(self, batch: Sequence[Event]) -> Sequence[Event]:
+        """``batch`` without the events workers forwarded to this sink's scheduler."""
+        bus = self.bus
+        if self.forwarded or bus is None:
+            return batch
+        own = ("scheduler", bus.address)
+        return [e for e in batch if e.source in own]
 
     # -- Sink interface ----------------------------------------------------------------
 
