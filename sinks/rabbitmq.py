@@ -8,10 +8,10 @@ it has seen and gets each event exactly once. Messages go to a durable queue
 (``queue=``, default ``sluice-events``) or to a durable topic exchange
 (``exchange=``) routed by a template such as ``task.{finish}``.
 
-``write(batch)`` only hands the events to a publisher thread of the sink's own
-(:mod:`sluice._amqp_publisher`; or, with ``process=True``, to a child process
-running the same publisher, :mod:`sluice._amqp_process`), which owns the pika
-connection, publishes with
+``write(batch)`` only hands the events to a publisher of the sink's own: a child
+process fed by a pipe (:mod:`sluice._amqp_process`, the default) or, with
+``process=False``, a thread in this process (:mod:`sluice._amqp_publisher`, which
+the child runs too). The publisher owns the pika connection, publishes with
 confirms in batches, reconnects with backoff and keeps every event until the
 broker confirmed it: first in memory (``max_memory`` messages), then in a disk
 spool (:mod:`sluice._amqp_spool`) that outlives the process. See
@@ -87,9 +87,14 @@ class RabbitMQ(Sink):
     spool directory (default under ``~/.cache/sluice/rabbitmq-spool/``, keyed by
     broker and queue/exchange); it is locked for the life of the sink.
     ``close_timeout``: how long ``close()`` waits for the broker's confirms
-    before spooling what is left. ``process=True``: publish from a child process
-    fed by a pipe instead of a thread, so pika's per-message CPU does not hold
-    this process's GIL (see :mod:`sluice._amqp_process`).
+    before spooling what is left. ``process``: publish from a child process fed
+    by a pipe (the default: pika's ~30 us of Python per message would otherwise
+    hold this process's GIL, see :mod:`sluice._amqp_process`), or from a thread
+    with ``process=False`` (no extra process; fine at low rates). ``forwarded=True``: also
+    publish the transitions workers forward to the scheduler (by default a sink on
+    the scheduler publishes the scheduler's own events: the task status that
+    consumers follow, at 5 messages per task instead of 11; the broker spends tens
+    of microseconds of CPU on each persistent message).
     """
 
     name = "rabbitmq"
@@ -110,6 +115,7 @@ class RabbitMQ(Sink):
         segment_messages: int = 10_000,
         run_id: str | None = None,
         process: bool | None = None,
+        forwarded: bool | None = None,
     ) -> None:
         plain, opts = split_url(url)
         given: dict[str, Any] = {
@@ -120,6 +126,7 @@ class RabbitMQ(Sink):
             "close_timeout": close_timeout,
             "kinds": None if kinds is _UNSET else kinds,
             "process": process,
+            "forwarded": forwarded,
         }
         for option, value in opts.items():
             if given[option] is not None:
@@ -183,7 +190,8 @@ class RabbitMQ(Sink):
             "max_inflight": max_inflight,
             "max_backoff": max_backoff,
         }
-        self.process = parse_bool("process", given["process"] or False)
+        self.process = parse_bool("process", True if given["process"] is None else given["process"])
+        self.forwarded = parse_bool("forwarded", given["forwarded"] or False)
         self._backend: Backend = self._make_backend(plain, backend_options, given["spool"] is None)
         self._start_lock = threading.Lock()
         self._started = False
@@ -259,9 +267,13 @@ class RabbitMQ(Sink):
 
     def write(self, batch: Sequence[Event], /) -> None:
         """Hand ``batch`` to the publisher and return at once."""
+        if self._closed:
+            raise RuntimeError(f"RabbitMQ sink {self.label} is closed")
         if not self._started:
             self.start()
-        self._backend.submit(batch)
+        batch = self._own(batch)
+        if batch:
+            self._backend.submit(batch)
 
     def flush(self) -> None:
         """Nothing to do: the publisher sends continuously (see :meth:`wait_confirmed`)."""
@@ -314,7 +326,14 @@ def _check_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.option("--kinds", default=None, help="event kinds, comma-separated, or all")
 @click.option("--close-timeout", type=float, default=None, help="seconds to wait at close")
 @click.option(
-    "--process/--no-process", default=None, help="publish from a child process (not a thread)"
+    "--process/--no-process",
+    default=None,
+    help="publish from a child process (default) or from a thread",
+)
+@click.option(
+    "--forwarded/--no-forwarded",
+    default=None,
+    help="also publish the transitions workers forward (default: the scheduler's own)",
 )
 def sluice_setup(
     server: Any,
@@ -326,6 +345,7 @@ def sluice_setup(
     kinds: str | None,
     close_timeout: float | None,
     process: bool | None,
+    forwarded: bool | None,
 ) -> None:
     """Add a RabbitMQ sink to the scheduler (or worker) this preload runs in."""
     add_sink = getattr(server, "add_sink", None)
@@ -338,6 +358,7 @@ def sluice_setup(
         "spool": spool,
         "close_timeout": close_timeout,
         "process": process,
+        "forwarded": forwarded,
     }
     if kinds is not None:
         options["kinds"] = kinds

@@ -242,3 +242,17 @@ class RabbitNode:
         if self._output is not None:
             self._output.close()
             self._output = None
+
+
+def delete_queue(url: str, queue: str) -> None:
+    """Delete ``queue`` on the broker at ``url``; nothing if the broker is away."""
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+    except Exception:
+        return
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()

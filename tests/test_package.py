@@ -117,10 +117,14 @@ def test_demo_streams_to_rabbitmq_with_the_option(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "RabbitMQ:  every event published to amqp://guest:***@127.0.0.1" in done.stdout
+    assert "RabbitMQ:  task transitions published to amqp://guest:***@127.0.0.1" in done.stdout
     from sluice.replay import read_events
 
-    transitions = [e for e in read_events(tmp_path / "events.jsonl") if e.kind == "task-transition"]
+    transitions = [
+        e
+        for e in read_events(tmp_path / "events.jsonl")
+        if e.kind == "task-transition" and e.source == "scheduler"
+    ]
     connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/"))
     try:
         channel = connection.channel()
@@ -128,5 +132,5 @@ def test_demo_streams_to_rabbitmq_with_the_option(tmp_path: Path) -> None:
         channel.queue_delete(queue)
     finally:
         connection.close()
-    # The sink's default kinds: every task transition, the workers' forwarded ones too.
+    # The sink's defaults: the scheduler's task transitions (not the workers' forwarded).
     assert depth == len(transitions) > 0

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import anyio.to_thread
 import orjson
 import pytest
 
-from rabbitmq_node import RabbitNode, free_port, rabbitmq_available
+from rabbitmq_node import RabbitNode, free_port
 from sluice import Client, Scheduler, Worker
 from sluice._amqp_spool import Spool, SpoolInUseError, decode_line, encode_line
 from sluice._amqp_url import RoutingKey, default_spool_dir
@@ -59,55 +59,6 @@ def slow_inc(x: int) -> int:
 
 
 # -- broker fixtures ---------------------------------------------------------------------
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} (CI must run this test)")
-    pytest.skip(what)
-
-
-def _broker_up(port: int = 5672) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _delete_queue(url: str, queue: str) -> None:
-    import pika
-
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except Exception:
-        return
-    try:
-        connection.channel().queue_delete(queue)
-    finally:
-        connection.close()
-
-
-@pytest.fixture
-def shared_queue() -> Iterator[str]:
-    """A unique queue name on the shared broker, deleted afterwards."""
-    if not _broker_up():
-        _missing("RabbitMQ is not running at 127.0.0.1:5672")
-    queue = f"sluice-test-{uuid.uuid4().hex[:12]}"
-    yield queue
-    _delete_queue(SHARED_URL, queue)
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[RabbitNode]:
-    """A RabbitMQ node of this test's own (not started); always killed afterwards."""
-    if not rabbitmq_available():
-        _missing("rabbitmq-server / rabbitmqctl are not installed")
-    n = RabbitNode(tmp_path / "node")
-    try:
-        yield n
-    finally:
-        n.kill()
 
 
 def drain(url: str, queue: str, *, delete: bool = True) -> list[tuple[str, dict[str, Any], Any]]:
@@ -142,8 +93,13 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> No
             await anyio.sleep(0.02)
 
 
-def transitions(log: Path) -> list[Event]:
-    return [e for e in read_events(log) if isinstance(e, TaskTransition)]
+def transitions(log: Path, *, forwarded: bool = True) -> list[Event]:
+    """The task transitions of ``log``; the scheduler's own only, unless ``forwarded``."""
+    return [
+        e
+        for e in read_events(log)
+        if isinstance(e, TaskTransition) and (forwarded or e.source == "scheduler")
+    ]
 
 
 def check_delivery(
@@ -187,9 +143,13 @@ def check_delivery(
 @pytest.mark.rabbitmq
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+@pytest.mark.parametrize(
+    ("process", "forwarded"),
+    [(False, False), (True, True)],
+    ids=["thread-scheduler-events", "process-forwarded-too"],
+)
 async def test_every_transition_arrives_in_order(
-    tmp_path: Path, shared_queue: str, process: bool
+    tmp_path: Path, shared_queue: str, process: bool, forwarded: bool
 ) -> None:
     sink = RabbitMQ(
         SHARED_URL,
@@ -197,6 +157,7 @@ async def test_every_transition_arrives_in_order(
         spool=tmp_path / "spool",
         close_timeout=30,
         process=process,
+        forwarded=forwarded,
     )
     log = tmp_path / "log.jsonl"
     async with Scheduler(port=0, event_log=log, sinks=[sink]) as s:
@@ -209,8 +170,10 @@ async def test_every_transition_arrives_in_order(
     assert stats["spooled"] == 0 and stats["resent"] == 0 and stats["pending"] == 0
     assert stats["confirmed"] == stats["published"]
 
-    expected = transitions(log)
-    assert len(expected) >= 2000 * 4  # scheduler and worker transitions of 2,000 tasks
+    expected = transitions(log, forwarded=forwarded)
+    # 2,000 tasks: the scheduler's 5 transitions each, and the worker's 6 if forwarded.
+    assert len(expected) == 2000 * (11 if forwarded else 5)
+    assert forwarded or len(transitions(log)) == 2000 * 11
     messages = await anyio.to_thread.run_sync(drain, SHARED_URL, shared_queue)
     assert len(messages) == len(expected) == stats["confirmed"]
     order = check_delivery(messages, expected, run_id, duplicates_ok=False)
@@ -227,14 +190,14 @@ async def test_every_transition_arrives_in_order(
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 async def test_broker_restart_under_load(
-    tmp_path: Path, node: RabbitNode, caplog: pytest.LogCaptureFixture, process: bool
+    tmp_path: Path, rabbit_node: RabbitNode, caplog: pytest.LogCaptureFixture, process: bool
 ) -> None:
     caplog.set_level(logging.INFO, logger="sluice.sinks.rabbitmq")
-    await anyio.to_thread.run_sync(node.start)
+    await anyio.to_thread.run_sync(rabbit_node.start)
     queue = f"sluice-test-{uuid.uuid4().hex[:12]}"
     # A small memory bound, so the outage also goes through the disk spool.
     sink = RabbitMQ(
-        node.url,
+        rabbit_node.url,
         queue=queue,
         spool=tmp_path / "spool",
         max_memory=500,
@@ -242,6 +205,7 @@ async def test_broker_restart_under_load(
         max_backoff=0.5,
         close_timeout=30,
         process=process,
+        forwarded=True,  # the workers' transitions too: more load through the outage
     )
     log = tmp_path / "log.jsonl"
     n = 2000
@@ -261,19 +225,19 @@ async def test_broker_restart_under_load(
             # Mid-run: some events are confirmed, most tasks still to run.
             await wait_until(lambda: sink.stats()["confirmed"] >= 200)
             assert sum(f.done() for f in futures) < n // 2
-            await anyio.to_thread.run_sync(node.stop)
+            await anyio.to_thread.run_sync(rabbit_node.stop)
             stopped = time.monotonic()
             assert not sink.connected or await _disconnects(sink)
             assert await c.gather(futures) == [i + 1 for i in range(n)]
             # The run finished while the broker was down: nothing waited on it.
-            assert not node.running and not sink.connected
+            assert not rabbit_node.running and not sink.connected
             assert sink.stats()["pending"] > 0
             outage = time.monotonic() - stopped
             if outage < 10:
                 await anyio.sleep(10 - outage)  # the outage itself, not a synchronisation
             assert not sink.connected
             assert sink.stats()["spooled"] > 0  # memory filled up, the rest went to disk
-            await anyio.to_thread.run_sync(node.start)
+            await anyio.to_thread.run_sync(rabbit_node.start)
             assert await anyio.to_thread.run_sync(sink.wait_confirmed, WAIT)
         assert not probe["pressure"]
         assert probe["max_lag"] < 10_000
@@ -287,7 +251,7 @@ async def test_broker_restart_under_load(
     assert any("is back after" in r.message for r in caplog.records)
 
     expected = transitions(log)
-    messages = await anyio.to_thread.run_sync(drain, node.url, queue)
+    messages = await anyio.to_thread.run_sync(drain, rabbit_node.url, queue)
     check_delivery(messages, expected, run_id, duplicates_ok=True)
     assert len(messages) <= len(expected) + stats["resent"]
     assert not list((tmp_path / "spool").glob("seg*"))  # confirmed segments are removed
@@ -306,21 +270,22 @@ async def _disconnects(sink: RabbitMQ) -> bool:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 async def test_spool_survives_a_scheduler_restart(
-    tmp_path: Path, node: RabbitNode, process: bool
+    tmp_path: Path, rabbit_node: RabbitNode, process: bool
 ) -> None:
     queue = f"sluice-test-{uuid.uuid4().hex[:12]}"
     spool = tmp_path / "spool"
     runs: list[tuple[str, list[Event]]] = []
     for i, broker_up in enumerate((False, True)):
         if broker_up:
-            await anyio.to_thread.run_sync(node.start)
+            await anyio.to_thread.run_sync(rabbit_node.start)
         sink = RabbitMQ(
-            node.url,
+            rabbit_node.url,
             queue=queue,
             spool=spool,
             close_timeout=2,
             max_backoff=0.5,
             process=process,
+            forwarded=True,
         )
         log = tmp_path / f"log{i}.jsonl"
         async with (
@@ -338,7 +303,7 @@ async def test_spool_survives_a_scheduler_restart(
     assert sink.stats()["pending"] == 0
     assert not list(spool.glob("seg*"))
 
-    messages = await anyio.to_thread.run_sync(drain, node.url, queue)
+    messages = await anyio.to_thread.run_sync(drain, rabbit_node.url, queue)
     order = []
     for (run_id, expected), start in zip(runs, (0, len(runs[0][1])), strict=True):
         got = [m for m in messages if m[0].startswith(f"{run_id}:")]
@@ -388,6 +353,7 @@ def test_url_options_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     try:
         assert sink.queue == DEFAULT_QUEUE and sink.exchange is None
         assert sink.kinds == frozenset({"task-transition"})
+        assert sink.process and not sink.forwarded
         assert sink.spool_dir == tmp_path / "a"
         assert sink.parameters.host == "h" and sink.parameters.port == 5673
         assert sink.parameters.virtual_host == "v/h"
@@ -523,17 +489,20 @@ def _events(a: int, b: int, run: str = "") -> list[Event]:
     ]
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 def test_broker_away_memory_then_spool_then_close(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, process: bool
 ) -> None:
     """No broker at all: write() never blocks, events overflow to disk, close spools the rest."""
     url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    sink = RabbitMQ(url, spool=tmp_path, max_memory=10, close_timeout=0.2, run_id="r1")
+    sink = RabbitMQ(
+        url, spool=tmp_path, max_memory=10, close_timeout=0.2, run_id="r1", process=process
+    )
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="sluice.sinks.rabbitmq"):
         for i in range(1, 101, 10):
             sink.write(_events(i, i + 10))
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 10  # waiting on the broker would be forever
         deadline = time.monotonic() + WAIT
         while sink.stats()["spooled"] < 90 and time.monotonic() < deadline:
             time.sleep(0.01)  # polling the publisher thread's counter
@@ -640,7 +609,8 @@ def test_without_pika_the_error_says_what_to_install(monkeypatch: pytest.MonkeyP
     assert "\n" not in str(info.value)
 
 
-def test_write_never_waits_on_a_silent_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_write_never_waits_on_a_silent_broker(tmp_path: Path, process: bool) -> None:
     """A 'broker' that accepts TCP and never answers: write() still returns at once."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -664,11 +634,12 @@ def test_write_never_waits_on_a_silent_broker(tmp_path: Path) -> None:
             f"amqp://guest:guest@127.0.0.1:{port}/?socket_timeout=1",
             spool=tmp_path,
             close_timeout=0.5,
+            process=process,
         )
         t0 = time.monotonic()
         for i in range(1, 10_001, 1000):
             sink.write(_events(i, i + 1000))
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 10  # waiting on the broker would be forever
         sink.close()
         assert time.monotonic() - t0 < 15
         assert sink.stats()["spooled"] == 10_000
@@ -784,7 +755,7 @@ async def test_replay_into_backfills_a_queue_with_exactly_the_logged_events(
         assert sum(await c.gather(c.map(slow_inc, range(100)))) == sum(range(1, 101))
     events = list(read_events(log))
     run_id = read_header(log)["run_id"]
-    url = f"{SHARED_URL}?queue={shared_queue}&kinds=all&spool={tmp_path / 'spool'}"
+    url = f"{SHARED_URL}?queue={shared_queue}&kinds=all&forwarded=true&spool={tmp_path / 'spool'}"
     result = await anyio.to_thread.run_sync(
         lambda: CliRunner().invoke(main, ["replay", str(log), "--into", url])
     )

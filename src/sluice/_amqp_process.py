@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ logger = logging.getLogger("sluice.sinks.rabbitmq")
 
 _CLOSE = b"\0close "
 _REPORT_INTERVAL = 0.05
+#: The child's CPU priority, below the scheduler's: when the machine's cores are
+#: busy, the scheduler and workers run first and publishing (and the broker's work
+#: for it, which follows the publish rate) waits; the sink's memory and spool take
+#: up the lag, and it catches up when there is CPU to spare.
+_CHILD_NICENESS = int(os.environ.get("SLUICE_RABBITMQ_NICE", "10"))
 
 
 class ProcessBackend:
@@ -81,6 +87,14 @@ class ProcessBackend:
         self._conn: multiprocessing.connection.Connection | None = None
         self._reader: threading.Thread | None = None
         self._closing = False
+        # Encoded batches wait here for the feeder thread, which writes them to the
+        # pipe: a write to a full pipe (a child busy or starting) blocks the feeder,
+        # not write(). Bounded like the child's memory; past that, write() waits.
+        self._outbox: deque[tuple[bytes, int]] = deque()
+        self._outbox_events = 0
+        self._outbox_cond = threading.Condition()
+        self._max_outbox = int(limits.get("max_memory", 100_000))
+        self._feeder: threading.Thread | None = None
 
     # -- the sink's backend interface ------------------------------------------------
 
@@ -114,17 +128,49 @@ class ProcessBackend:
         )
         self._reader.daemon = True
         self._reader.start()
+        if self._feeder is None:  # a restarted child keeps the feeder it had
+            self._feeder = threading.Thread(
+                target=self._feed, name=f"sluice-rabbitmq-feeder-{self.label}", daemon=True
+            )
+            self._feeder.start()
 
     def submit(self, batch: Sequence[Any]) -> None:
+        if self._closing:
+            raise RuntimeError(f"RabbitMQ sink {self.label} is closed")
         data = b"".join([encode_line(self.encode(e)) for e in batch])
-        with self._send_lock:
+        with self._outbox_cond:
+            while self._outbox_events >= self._max_outbox and not self._closing:
+                self._outbox_cond.wait(0.1)
+            self._outbox.append((data, len(batch)))
+            self._outbox_events += len(batch)
+            self._outbox_cond.notify_all()
+
+    def _feed(self) -> None:
+        """Write the outbox to the pipe in order until closed and drained."""
+        cond = self._outbox_cond
+        while True:
+            with cond:
+                while not self._outbox and not self._closing:
+                    cond.wait()
+                if not self._outbox:
+                    return
+                data, count = self._outbox[0]
             try:
-                self._send(data)
-            except (OSError, EOFError, ValueError):
-                self._restart()
-                self._send(data)
-            with self._cond:
-                self._sent += len(batch)
+                with self._send_lock:
+                    try:
+                        self._send(data)
+                    except (OSError, EOFError, ValueError):
+                        self._restart()
+                        self._send(data)
+                    with self._cond:
+                        self._sent += count
+            except Exception:
+                logger.exception("RabbitMQ sink %s: %d events lost", self.label, count)
+                self._lost += count
+            with cond:
+                self._outbox.popleft()
+                self._outbox_events -= count
+                cond.notify_all()
 
     def connected(self) -> bool:
         return bool(self._status.get("connected", False))
@@ -135,14 +181,23 @@ class ProcessBackend:
 
         def done() -> bool:
             s = self._status
-            return bool(s) and s.get("received") == self._sent and bool(s.get("idle"))
+            return (
+                bool(s)
+                and not self._outbox_events
+                and s.get("received") == self._sent
+                and bool(s.get("idle"))
+            )
 
         with self._cond:
             return self._cond.wait_for(done, timeout)
 
     def close(self, timeout: float) -> None:
-        self._closing = True
+        with self._outbox_cond:
+            self._closing = True
+            self._outbox_cond.notify_all()
         try:
+            if self._feeder is not None:
+                self._feeder.join()  # the outbox goes to the child first
             if self._proc is not None:
                 with self._send_lock, contextlib.suppress(OSError, EOFError, ValueError):
                     self._send(_CLOSE + str(timeout).encode())
@@ -164,7 +219,8 @@ class ProcessBackend:
         out: dict[str, int] = {}
         for name in ("published", "confirmed", "spooled", "resent", "connections", "corrupt"):
             out[name] = int(s.get(name, 0)) + self._carried.get(name, 0)
-        out["pending"] = int(s.get("pending", 0)) + self._sent - int(s.get("received", 0))
+        pending = int(s.get("pending", 0)) + self._sent - int(s.get("received", 0))
+        out["pending"] = pending + self._outbox_events
         out["lost"] = self._lost
         return out
 
@@ -324,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     down = multiprocessing.connection.Connection(int(args[0]), writable=False)
     up = multiprocessing.connection.Connection(int(args[1]), readable=False)
     config = down.recv()
+    with contextlib.suppress(OSError):
+        os.nice(_CHILD_NICENESS)
     _child_main(down, up, config)
 
 

@@ -8,7 +8,8 @@ are taken out before pika sees the rest (``heartbeat=``, ``ssl_options=``...):
   exchange. ``sluice-events`` when neither ``queue`` nor ``exchange`` is given.
 - ``exchange=NAME`` and ``routing_key=TEMPLATE``: publish to this durable topic
   exchange (declared), routed by the template, e.g. ``task.{finish}``.
-- ``spool=PATH``, ``kinds=a,b``, ``close_timeout=SECONDS``, ``process=true``.
+- ``spool=PATH``, ``kinds=a,b``, ``close_timeout=SECONDS``, ``process=true``,
+  ``forwarded=true``.
 
 Every error is a :class:`ValueError` with a one-line message naming the problem.
 """
@@ -38,7 +39,16 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 #: ``kinds=all`` (or ``*``) subscribes the sink to every event kind.
 ALL_KINDS = ("all", "*")
 
-_OWN = ("queue", "exchange", "routing_key", "spool", "kinds", "close_timeout", "process")
+_OWN = (
+    "queue",
+    "exchange",
+    "routing_key",
+    "spool",
+    "kinds",
+    "close_timeout",
+    "process",
+    "forwarded",
+)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

@@ -4,7 +4,7 @@ A scheduler and two worker processes (each under a nanny) start on this
 machine; a client submits a pipeline (load, clean, sum in groups, total) whose
 last step fails once, as a flaky upstream would, and is retried. The
 scheduler writes its event log and a JSON log into the demo's folder (and, with
-``--rabbitmq URL``, streams every event to RabbitMQ); at the end the log is read
+``--rabbitmq URL``, streams its task transitions to RabbitMQ); at the end the log is read
 back and folded, and the replayed state is compared with the live scheduler's.
 """
 
@@ -142,7 +142,9 @@ def run_demo(*, out: Path | None, n: int, rabbitmq: str | None = None) -> int:
     console.print(f"event log: {log_path}", soft_wrap=True)
     console.print(f"JSON log:  {json_path} ({json_lines} lines, one per event)", soft_wrap=True)
     if rabbitmq is not None:
-        console.print(f"RabbitMQ:  every event published to {_redact(rabbitmq)}", soft_wrap=True)
+        console.print(
+            f"RabbitMQ:  task transitions published to {_redact(rabbitmq)}", soft_wrap=True
+        )
     console.print(
         f"next: [bold]sluice replay {log_path}[/] (summary),"
         f" [bold]--key total[/] (one task's story), [bold]--at SEQ[/] (the state at a seq)",

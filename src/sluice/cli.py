@@ -46,7 +46,7 @@ def main() -> None:
     "rabbitmq",
     metavar="URL",
     default=None,
-    help="Also stream every event to RabbitMQ, e.g."
+    help="Also stream the task transitions to RabbitMQ, e.g."
     " 'amqp://guest:guest@127.0.0.1:5672/%2F?queue=sluice-demo'.",
 )
 def demo(out: Path | None, tasks: int, rabbitmq: str | None) -> None:
