@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import gc
 import operator
+import sys
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import attrs
 
@@ -61,7 +62,7 @@ class GraphError(ValueError):
     """A submitted graph is invalid (unknown dependency, cycle, unknown wanted key)."""
 
 
-_NONE: AbstractSet[Any] = frozenset()
+_NONE: frozenset[Any] = frozenset()
 
 
 class SchedulerTask:
@@ -90,13 +91,18 @@ class SchedulerTask:
         self.uid = uid
         self.state = RELEASED
         # Most tasks have no dependencies or no dependents: sharing one empty
-        # frozenset saves two tracked containers per task, which the garbage
-        # collector would otherwise scan again and again in a large graph.
+        # frozenset until a first element comes saves a set per task (216 bytes),
+        # which the garbage collector would otherwise scan again and again in a
+        # large graph.
         self.dependencies: AbstractSet[SchedulerTask] = _NONE
         self.dependents: AbstractSet[SchedulerTask] = _NONE
-        self.who_has: set[WorkerRecord] = set()
+        # Immutable, and shared: a result lives on one worker, a task is wanted
+        # by one client, so nearly every task holds its worker's
+        # ``WorkerRecord.alone`` and the one frozenset of a graph's client. The
+        # fold replaces them (never mutates them) on the rare second element.
+        self.who_has: frozenset[WorkerRecord] = _NONE
         self.processing_on: WorkerRecord | None = None
-        self.who_wants: set[str] = set()
+        self.who_wants: frozenset[str] = _NONE
         self.priority = priority
         self.retries = retries
         self.exception: str | None = None
@@ -113,6 +119,7 @@ class WorkerRecord:
     __slots__ = (
         "__weakref__",
         "address",
+        "alone",
         "has_what",
         "memory_limit",
         "name",
@@ -129,6 +136,8 @@ class WorkerRecord:
         self.memory_limit = memory_limit
         self.processing: set[SchedulerTask] = set()
         self.has_what: set[SchedulerTask] = set()
+        #: ``frozenset({self})``: the ``who_has`` of every result held here alone.
+        self.alone: frozenset[WorkerRecord] = frozenset((self,))
 
     def __repr__(self) -> str:
         return f"<WorkerRecord {self.address!r} processing={len(self.processing)}>"
@@ -153,6 +162,21 @@ _uid = operator.attrgetter("uid")
 def ordered(tasks: Iterable[SchedulerTask]) -> list[SchedulerTask]:
     """``tasks`` in creation order: reproducible, unlike set order."""
     return sorted(tasks, key=_uid)
+
+
+def _graph_error(tasks: dict[Key, SchedulerTask], ev: GraphUpdated) -> NoReturn:
+    """Raise the ValueError that says what is wrong with ``ev`` (known to be invalid)."""
+    deps = ev.dependencies
+    for key, kdeps in deps.items():
+        if key in tasks:
+            raise ValueError(f"graph-updated creates {key!r}, which exists")
+        for dk in kdeps:
+            if dk not in tasks and dk not in deps:
+                raise ValueError(f"graph-updated: {key!r} depends on unknown {dk!r}")
+    for key in ev.keys:
+        if key not in tasks and key not in deps:
+            raise ValueError(f"graph-updated: wanted key {key!r} is unknown")
+    raise AssertionError("_graph_error called for a valid graph")
 
 
 class FoldedState:
@@ -211,22 +235,46 @@ class FoldedState:
         heap find nothing and cost a third of the time.
         """
         state = cls()
-        apply = state.apply
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            if until is None:
-                for event in events:
-                    apply(event)
-            else:
-                for event in events:
-                    if event.seq > until:
-                        break
-                    apply(event)
+            state._fold(events, sys.maxsize if until is None else until)
         finally:
             if was_enabled:
                 gc.enable()
         return state
+
+    def _fold(self, events: Iterable[Event], until: int) -> None:
+        """``apply`` each event up to seq ``until``, with :meth:`apply`'s checks.
+
+        Nearly every event of a log is a task transition that follows its
+        predecessor; this loop applies those itself, with everything it needs
+        in locals, and hands any other event (and any transition that would
+        fail a check, so the error is :meth:`apply`'s) to :meth:`apply`.
+        """
+        apply = self.apply
+        tasks = self.tasks
+        edges = self._edges
+        pending = self._pending_forgotten
+        transition = TaskTransition
+        last = self.seq
+        for event in events:
+            seq = event.seq
+            if seq > until:
+                break
+            if seq == last + 1 and type(event) is transition and not pending:
+                if event.source == SCHEDULER:  # a worker's transition changes nothing here
+                    ts = tasks.get(event.key)
+                    start = event.start
+                    edge = edges.get((start, event.finish))
+                    if ts is None or ts.state != start or edge is None:
+                        apply(event)  # raises the precise error
+                    else:
+                        edge(ts, event)
+                self.seq = last = seq
+            else:
+                apply(event)
+                last = self.seq
 
     def record(self, event: Event, *, now: float) -> Event:
         """Stamp an event that comes from outside the decisions, apply it, return it.
@@ -338,7 +386,7 @@ class FoldedState:
         ws.processing.discard(ts)
         ts.processing_on = None
         ts.state = MEMORY
-        ts.who_has.add(ws)
+        ts.who_has = ws.alone if not ts.who_has else ts.who_has | ws.alone
         ws.has_what.add(ts)
         ts.nbytes = ev.nbytes
         ts.exception = ts.traceback = None
@@ -363,7 +411,7 @@ class FoldedState:
     def _e_memory_released(self, ts: SchedulerTask, ev: TaskTransition) -> None:
         for ws in ts.who_has:
             ws.has_what.discard(ts)
-        ts.who_has.clear()
+        ts.who_has = _NONE
         ts.state = RELEASED
 
     def _e_erred_released(self, ts: SchedulerTask, ev: TaskTransition) -> None:
@@ -371,37 +419,38 @@ class FoldedState:
         ts.exception = ts.traceback = None
 
     def _apply_graph_updated(self, ev: GraphUpdated) -> None:
+        # A graph can hold hundreds of thousands of tasks. Every loop here walks
+        # the keys in submission order, which is also the order of the tasks in
+        # memory: set operations, which visit them in hash order, miss the CPU
+        # caches on each key and cost several times more.
         tasks = self.tasks
         deps = ev.dependencies
-        for key, kdeps in deps.items():
-            if key in tasks:
-                raise ValueError(f"graph-updated creates {key!r}, which exists")
-            for dk in kdeps:
-                if dk not in tasks and dk not in deps:
-                    raise ValueError(f"graph-updated: {key!r} depends on unknown {dk!r}")
-        for key in ev.keys:
-            if key not in tasks and key not in deps:
-                raise ValueError(f"graph-updated: wanted key {key!r} is unknown")
-        client = self.clients.get(ev.client)
-        if client is None:
-            client = self.clients[ev.client] = ClientRecord(ev.client)
+        if not (
+            tasks.keys().isdisjoint(deps)
+            and all(dk in tasks or dk in deps for kdeps in deps.values() for dk in kdeps)
+        ):
+            _graph_error(tasks, ev)
         priority = ev.priority
         retries = ev.retries
         uid = self._next_uid
-        created = []
-        for key in deps:
-            ts = SchedulerTask(key, uid)
-            uid += 1
-            if priority:
-                ts.priority = priority.get(key, 0)
-            if retries:
-                ts.retries = retries.get(key, 0)
-            tasks[key] = ts
-            created.append(ts)
-        self._next_uid = uid
-        for ts in created:
-            kdeps = deps[ts.key]
+        new = SchedulerTask
+        if priority or retries:
+            created = {
+                key: new(key, i, priority.get(key, 0), retries.get(key, 0))
+                for i, key in enumerate(deps, uid)
+            }
+        else:
+            created = {key: new(key, i) for i, key in enumerate(deps, uid)}
+        try:
+            wanted = [created.get(key) or tasks[key] for key in ev.keys]
+        except KeyError:
+            _graph_error(tasks, ev)
+        # Valid: from here on the state changes.
+        tasks.update(created)
+        self._next_uid = uid + len(created)
+        for key, kdeps in deps.items():
             if kdeps:
+                ts = created[key]
                 dependencies = set()
                 for dk in kdeps:
                     dts = tasks[dk]
@@ -413,11 +462,14 @@ class FoldedState:
                         dependents.add(ts)  # type: ignore[attr-defined]
                 ts.dependencies = dependencies
         name = ev.client
-        wants = client.wants_what
-        for key in ev.keys:
-            ts = tasks[key]
-            ts.who_wants.add(name)
-            wants.add(ts)
+        only = frozenset((name,))  # shared by the tasks no one else wants
+        for ts in wanted:
+            who_wants = ts.who_wants
+            ts.who_wants = only if not who_wants else who_wants | only
+        client = self.clients.get(name)
+        if client is None:
+            client = self.clients[name] = ClientRecord(name)
+        client.wants_what.update(wanted)
 
     def _apply_worker_added(self, ev: WorkerAdded) -> None:
         if ev.worker in self.workers:
@@ -436,7 +488,7 @@ class FoldedState:
                     f"worker {ev.worker!r} removed with the only replica of {ts.key!r}"
                 )
         for ts in ws.has_what:
-            ts.who_has.discard(ws)
+            ts.who_has = ts.who_has - ws.alone
         ws.has_what.clear()
         del self.workers[ev.worker]
 
@@ -449,7 +501,7 @@ class FoldedState:
         if client is None:
             return
         for ts in client.wants_what:
-            ts.who_wants.discard(ev.client)
+            ts.who_wants = ts.who_wants - {ev.client} or _NONE
 
     def _apply_client_released_keys(self, ev: ClientReleasedKeys) -> None:
         client = self.clients.get(ev.client)
@@ -459,7 +511,8 @@ class FoldedState:
         for key in ev.keys:
             ts = tasks.get(key)
             if ts is not None:
-                ts.who_wants.discard(ev.client)
+                if ev.client in ts.who_wants:
+                    ts.who_wants = ts.who_wants - {ev.client} or _NONE
                 client.wants_what.discard(ts)
 
     def _apply_restarted(self, ev: Restarted) -> None:
