@@ -98,6 +98,9 @@ class EventLog(Sink):
         self._header_size = 0  # bytes of its header
         self._started: float | None = None
         self._closed = False
+        # Set by a failed write: nothing more is written, so that the log stays a
+        # prefix of the run (a later, smaller batch that fit would leave a hole).
+        self._stopped: str | None = None
 
     # -- header fields -------------------------------------------------------------
 
@@ -134,7 +137,16 @@ class EventLog(Sink):
             return
         data = _encode(batch)
         with self._lock:
-            f = self._ensure_open()
+            if self._stopped is not None:
+                raise OSError(
+                    f"event log {self.path} stopped after a failed write ({self._stopped});"
+                    f" events from seq {batch[0].seq} on are not in it"
+                )
+            try:
+                f = self._ensure_open()
+            except OSError as exc:
+                self._stop(exc, batch[0].seq)
+                raise
             # A segment holding only its header is never left: a limit smaller
             # than the header would otherwise leave a trail of empty segments.
             if (
@@ -142,16 +154,20 @@ class EventLog(Sink):
                 and self._size >= self.rotate_bytes
                 and self._size > self._header_size
             ):
-                f = self._open_segment(self._segment + 1)
+                try:
+                    f = self._open_segment(self._segment + 1)
+                except OSError as exc:
+                    self._stop(exc, batch[0].seq)
+                    raise
             try:
                 _write_all(f, data)
-            except OSError:
+            except OSError as exc:
                 # Disk full or similar, maybe after part of the batch: cut the
-                # partial line off, so a later batch cannot land after it and
-                # turn a lost batch into a corrupt line in the middle of the log.
+                # partial line off, so the log ends on a whole event.
                 with contextlib.suppress(OSError):
                     f.truncate(self._size)
                     f.seek(self._size)
+                self._stop(exc, batch[0].seq)
                 raise
             self._size += len(data)
             if self.fsync == "batch":
@@ -170,6 +186,16 @@ class EventLog(Sink):
             self._close_segment()
 
     # -- internals -----------------------------------------------------------------
+
+    def _stop(self, exc: OSError, seq: int) -> None:
+        self._stopped = f"{type(exc).__name__}: {exc}"
+        logger.error(
+            "event log %s: writing seq %d on failed (%s); the log ends before it and"
+            " takes no more events",
+            self.path,
+            seq,
+            self._stopped,
+        )
 
     def _check_not_exists(self) -> None:
         """Refuse to mix two runs in one log (see the module docstring)."""
@@ -214,7 +240,11 @@ class EventLog(Sink):
         if n:
             header["segment"] = n
         data = orjson.dumps(header, option=_NL)
-        _write_all(f, data)
+        try:
+            _write_all(f, data)
+        except BaseException:
+            f.close()
+            raise
         self._file = f
         self._segment = n
         self._size = self._header_size = len(data)

@@ -409,9 +409,13 @@ async def test_a_failing_plugin_is_reported_and_the_worker_runs_on(
                     and any(e.get("topic") == "consumer-failed" for e in m["events"])
                 )
             )
-        (report,) = [e for e in msg["events"] if e.get("topic") == "consumer-failed"]
-        assert report["source"] == w.address
-        assert report["msg"]["consumer"] == "worker-plugins"
+        # One report per failing consumer per second: on a slow machine the batch
+        # may span more than one.
+        reports = [e for e in msg["events"] if e.get("topic") == "consumer-failed"]
+        assert reports
+        for report in reports:
+            assert report["source"] == w.address
+            assert report["msg"]["consumer"] == "worker-plugins"
         assert w.data["x"] == 2
         # The bus stamped its report from the worker's own sequence: still gap-free.
         assert [e.seq for e in w.bus.history] == list(range(1, len(w.bus.history) + 1))

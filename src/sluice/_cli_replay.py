@@ -167,8 +167,10 @@ def replay(
         state = SchedulerState.from_events(events)
     except FileNotFoundError:
         raise click.ClickException(f"no such event log: {log}") from None
-    except (EventLogError, ValueError, OSError) as exc:
+    except (EventLogError, OSError) as exc:  # these name the file already
         raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # from the fold: a seq gap, not the log of a whole run
+        raise click.ClickException(f"{log}: {exc}") from None
 
     if into:
         selected = events

@@ -38,6 +38,7 @@ from sluice._core.commands import (
 )
 from sluice._core.messages import MissingDataMsg, TaskErredMsg, TaskFinishedMsg
 from sluice._core.scheduler_fold import GraphError
+from sluice._graph_message import checked_graph
 from sluice._worker_exec import dumps_exception
 from sluice.comm import BatchedSend, Comm, CommClosedError, parse_address
 from sluice.events import (
@@ -329,7 +330,7 @@ class SchedulerServing:
                     conn.send(_error(msg["rid"], f"unknown operation {op!r}"))
                 else:
                     logger.warning("ignoring %r from worker %s", op, address)
-            except (KeyError, TypeError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:
                 logger.warning("malformed %r message from worker %s: %r", op, address, exc)
 
     def _task_erred(self, worker: str, msg: dict[str, Any]) -> None:
@@ -520,7 +521,7 @@ class SchedulerServing:
                 elif op == "run-on-scheduler":
                     tg.start_soon(self._run_on_scheduler, conn, msg)
                 elif op == "run":
-                    tg.start_soon(self._broadcast_run, conn, msg)
+                    tg.start_soon(self._request, conn, msg, self._broadcast_run)
                 elif op == "subscribe-events":
                     self._subscribe_events(conn, msg.get("since"), msg.get("kinds"))
                 elif op == "unsubscribe-events":
@@ -530,9 +531,9 @@ class SchedulerServing:
                 elif op == "unregister-scheduler-plugin":
                     tg.start_soon(self._unregister_scheduler_plugin, conn, msg)
                 elif op == "register-worker-plugin":
-                    tg.start_soon(self._register_worker_plugin, conn, msg)
+                    tg.start_soon(self._request, conn, msg, self._register_worker_plugin)
                 elif op == "unregister-worker-plugin":
-                    tg.start_soon(self._unregister_worker_plugin, conn, msg)
+                    tg.start_soon(self._request, conn, msg, self._unregister_worker_plugin)
                 elif op == "log-event":
                     self.log_event(str(msg["topic"]), msg.get("msg"))
                     if rid is not None:
@@ -550,13 +551,22 @@ class SchedulerServing:
                     conn.send(_exc_reply(rid, exc))
         return True
 
+    async def _request(
+        self,
+        conn: ClientConn,
+        msg: dict[str, Any],
+        handler: Callable[[ClientConn, dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Run a request handler in its own task; a malformed request gets an error reply."""
+        try:
+            await handler(conn, msg)
+        except Exception as exc:
+            logger.warning("bad %r message from client %s: %r", msg.get("op"), conn.client, exc)
+            conn.send(_exc_reply(msg.get("rid"), exc))
+
     def _update_graph(self, conn: ClientConn, msg: dict[str, Any]) -> None:
         rid = msg.get("rid")
-        tasks: dict[Key, Any] = dict(msg.get("tasks") or {})
-        submitted = msg.get("dependencies") or {}
-        dependencies = {key: tuple(submitted.get(key) or ()) for key in tasks}
-        for key, deps in submitted.items():
-            dependencies.setdefault(key, tuple(deps))
+        tasks, dependencies, priority, retries = checked_graph(msg)
         # An existing task keeps its definition (the state machine ignores the new one).
         added = [key for key in tasks if key not in self._specs]
         for key in added:
@@ -567,8 +577,8 @@ class SchedulerServing:
                     client=conn.client,
                     keys=tuple(msg.get("keys") or ()),
                     dependencies=dependencies,
-                    priority=dict(msg.get("priority") or {}),
-                    retries=dict(msg.get("retries") or {}),
+                    priority=priority,
+                    retries=retries,
                     stimulus_id=_stimulus("update-graph"),
                 )
             )
@@ -577,6 +587,10 @@ class SchedulerServing:
                 self._specs.pop(key, None)
             conn.send(_error(rid, str(exc)))
             return
+        except BaseException:
+            for key in added:
+                self._specs.pop(key, None)
+            raise
         if rid is not None:
             conn.send(_reply(rid))
 

@@ -93,6 +93,7 @@ class Subscription(abc.ABC):
         self.failed = 0
         self.dropped = 0
         self._last_report = -_FAILURE_REPORT_INTERVAL
+        self._unreported = 0  # failures since the last one logged and reported
 
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
@@ -412,7 +413,7 @@ class EventBus:
         mode: Mode | None = None,
         maxsize: int = 100_000,
         overflow: Overflow = "block",
-        max_batch: int = 10_000,
+        max_batch: int | None = None,
         since: int | None = None,
     ) -> Subscription:
         """Add a consumer; returns its :class:`Subscription`.
@@ -422,7 +423,10 @@ class EventBus:
         kinds delivered (default: the consumer's ``kinds`` attribute, else all).
         ``since=SEQ`` first delivers the events after ``SEQ`` from the history
         ring (or the ``catch_up`` source), then continues live: no gap, no
-        duplicate.
+        duplicate. ``max_batch``: the most events one ``write`` gets (default:
+        all that are queued, up to ``maxsize``), so that a sink that pays a fixed
+        cost per call (a round trip, a sleep) takes bigger batches as it falls
+        behind and catches up instead of pushing back on the publisher.
         """
         if self._closed:
             raise BusClosedError("bus closed; cannot subscribe")
@@ -438,6 +442,10 @@ class EventBus:
             raise TypeError(f"an inline consumer must be callable: {consumer!r}")
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, not {maxsize}")
+        if max_batch is None:
+            max_batch = maxsize
+        elif max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         name = name or _default_name(consumer)
         if name in self._subs:
             raise ValueError(f"a consumer named {name!r} is already subscribed")
@@ -538,11 +546,18 @@ class EventBus:
     # -- failures ------------------------------------------------------------------
 
     def _consumer_failed(self, sub: Subscription, exc: BaseException) -> None:
-        logger.warning("consumer %r failed", sub.name, exc_info=exc)
+        # Logged and reported at most once a second per consumer: a sink that fails
+        # on every batch would otherwise cost the publisher a traceback per batch.
         now = time.monotonic()
-        if now - sub._last_report < _FAILURE_REPORT_INTERVAL or self._closed:
+        if now - sub._last_report < _FAILURE_REPORT_INTERVAL:
+            sub._unreported += 1
             return
         sub._last_report = now
+        more, sub._unreported = sub._unreported, 0
+        since = f" (and {more} times since the last report)" if more else ""
+        logger.warning("consumer %r failed%s", sub.name, since, exc_info=exc)
+        if self._closed:
+            return
         report = UserEvent(
             time=time.time(),
             topic="consumer-failed",

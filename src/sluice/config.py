@@ -159,9 +159,71 @@ def refresh(environ: Mapping[str, str] | None = None) -> None:
     if inherited:
         for key, value in json.loads(inherited):
             _assign(base, _split(key), value)
+    _check_sections(base)
     with _lock:
         _base.clear()
         _base.update(base)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+
+
+def _is_argv(value: Any) -> bool:
+    """A list of strings, or a list of such lists (one per preload)."""
+    return isinstance(value, list | tuple) and all(
+        isinstance(v, str) or _is_str_list(v) for v in value
+    )
+
+
+def _is_sinks(value: Any) -> bool:
+    """A spec string, or a list of specs and sink objects (``set()`` may pass objects)."""
+    return isinstance(value, str) or (
+        isinstance(value, list | tuple)
+        and all(isinstance(v, str) or hasattr(v, "write") for v in value)
+    )
+
+
+#: What the keys sluice reads may hold: (check, what the error says is expected).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "preload": (
+        lambda v: (
+            isinstance(v, str | os.PathLike)
+            or (isinstance(v, list | tuple) and all(isinstance(p, str | os.PathLike) for p in v))
+        ),
+        "a string or a list of strings",
+    ),
+    "preload-argv": (_is_argv, "a list of strings (or of lists of strings)"),
+    "preload-strict": (lambda v: isinstance(v, bool), "true or false"),
+    "sinks": (_is_sinks, "a sink spec or a list of sink specs"),
+    "forward-events": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check(parts: list[str], value: Any) -> None:
+    """Raise :class:`ConfigError` if a key sluice reads has a value of the wrong type."""
+    if len(parts) != 3 or parts[0] != "sluice" or value is _NOT_GIVEN or value is None:
+        return
+    if _lookup(DEFAULTS, parts) is _NOT_GIVEN and parts[2] != "preload-strict":
+        return  # not a key sluice reads (unknown keys are left alone, as Dask does)
+    check = _CHECKS.get(parts[2])
+    if check is not None and not check[0](value):
+        raise ConfigError(
+            f"configuration value {'.'.join(parts)} must be {check[1]}, not {value!r}"
+            " (from a YAML file, a SLUICE_ variable or sluice.config.set)"
+        )
+
+
+def _check_sections(tree: Mapping[str, Any]) -> None:
+    """Each section of the defaults must stay a mapping (``SLUICE_WORKER=3`` is refused)."""
+    if not isinstance(tree.get("sluice"), dict):
+        raise ConfigError(
+            f"configuration value sluice must be a mapping, not {tree.get('sluice')!r}"
+        )
+    for name, default in DEFAULTS["sluice"].items():
+        value = _lookup(tree, ["sluice", name])
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise ConfigError(f"configuration value sluice.{name} must be a mapping, not {value!r}")
 
 
 def _lookup(tree: Mapping[str, Any], parts: list[str]) -> Any:
@@ -189,6 +251,7 @@ def get(key: str, default: Any = _NOT_GIVEN) -> Any:
             elif set_parts[: len(parts)] == parts and isinstance(value, dict):
                 value = copy.deepcopy(value)
                 _assign(value, set_parts[len(parts) :], set_value)
+    _check(parts, value)
     if value is _NOT_GIVEN:
         if default is _NOT_GIVEN:
             raise KeyError(f"no configuration value for {key!r}")

@@ -162,6 +162,19 @@ class Scheduler(SchedulerServing):
         if self.event_log is not None:
             from sluice.sinks.eventlog import EventLog
 
+            # The log is what makes the run replayable: a folder it cannot be written
+            # in fails here, before any port, not at the first event.
+            folder = self.event_log.absolute().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot create the folder of the event log {self.event_log}:"
+                    f" {exc.strerror or exc}"
+                ) from None
+            if not os.access(folder, os.W_OK):
+                raise OSError(f"cannot write the event log {self.event_log}: {folder} is read-only")
+
             # Subscribed before anything is published: the log starts at seq 1.
             self.bus.subscribe(EventLog(self.event_log, run_id=self.bus.run_id))
         for sink in sink_objects:

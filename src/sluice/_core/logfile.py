@@ -18,7 +18,8 @@ last segment that has no newline and does not parse (a crash mid-write). It is
 logged at WARNING and reported in :attr:`EventLogReader.truncated`. Anything
 else that does not parse is corruption, reported with the file and its 1-based
 line number (the header is line 1), after the events before it were yielded,
-so a test or a human can find the bad line with ``sed -n Np``.
+so a test or a human can find the bad line with ``sed -n Np``. So is an event
+whose ``seq`` is not greater than the one before it (lines swapped or repeated).
 
 Speed matters (logs of millions of transitions are replayed in tests), so the
 reader iterates lines of a binary file with a large buffer and decodes each
@@ -154,6 +155,7 @@ class EventLogReader:
                 " read the log from its first file"
             )
         self.truncated: tuple[str, int] | None = None
+        self._last_seq = 0  # seq of the last event read, across segments
 
     @property
     def run_id(self) -> str:
@@ -175,6 +177,7 @@ class EventLogReader:
 
     def __iter__(self) -> Iterator[Event]:
         self.truncated = None
+        self._last_seq = 0
         paths = self.segments()
         last = len(paths) - 1
         for n, path in enumerate(paths):
@@ -206,6 +209,7 @@ class EventLogReader:
                 self._truncate(file, 1)
                 return
             version = self._check_segment_header(file, n, first)
+            last_seq = self._last_seq
             for lineno, line in enumerate(f, 2):
                 try:
                     event = decode_line(line, version)
@@ -217,7 +221,15 @@ class EventLogReader:
                         return
                     reason = "blank line" if not line.strip() else _reason(exc)
                     raise EventLogError(f"{file}:{lineno}: {reason}") from None
+                if event.seq <= last_seq:
+                    # A bus stamps strictly increasing seqs, so a log of one run
+                    # never goes back (a filtered copy may skip seqs, never repeat).
+                    raise EventLogError(
+                        f"{file}:{lineno}: seq {event.seq} is out of order (after seq {last_seq})"
+                    )
+                last_seq = event.seq
                 yield event
+            self._last_seq = last_seq
 
     def _truncate(self, file: str, lineno: int) -> None:
         self.truncated = (file, lineno)
