@@ -399,8 +399,17 @@ class SchedulerServing:
                 waiter.done.set()
         conn.waiting.clear()
 
+    #: When _check_heartbeats last ran (monotonic; None before the first check).
+    _heartbeat_checked: float | None = None
+
     def _check_heartbeats(self, timeout: float) -> None:
         now = time.monotonic()
+        previous, self._heartbeat_checked = self._heartbeat_checked, now
+        if previous is not None and now - previous > timeout / 2:
+            # This process did not run for a while (a graph of 100,000 tasks to
+            # take in, a stalled machine): the workers' heartbeats of that time
+            # are waiting unread. Judge at the next check, once they are read.
+            return
         for conn in list(self._worker_conns.values()):
             if now - conn.last_seen > timeout:
                 logger.warning("worker %s sent nothing for %.1fs", conn.address, timeout)
