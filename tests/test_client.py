@@ -281,18 +281,16 @@ async def test_map_sends_one_update_graph(
 
 
 @pytest.mark.anyio
-async def test_map_of_many_tasks_is_fast(
+async def test_map_of_many_tasks_sends_one_graph(
     fake: tuple[FakeScheduler, FakeWorker], client: Client
 ) -> None:
+    # How fast is a question for benchmarks/compare.py, not for a timed test.
     sched, _ = fake
-    start = time.perf_counter()
     futs = client.map(lambda x: x + 1, range(10_000))
-    elapsed = time.perf_counter() - start
     assert len({f.key for f in futs}) == 10_000
     (g,) = await sched.wait_for("update-graph")
     assert len(g["tasks"]) == 10_000
     assert compute(g, futs[1234].key) == 1235
-    assert elapsed < 0.5, elapsed
 
 
 @pytest.mark.anyio
