@@ -712,6 +712,11 @@ def _run_default_client_scenario() -> None:
         with pytest.raises(ValueError):
             c.submit(inc, sums[0])  # a dependency the scheduler no longer has
         assert c.submit(inc, 1).result(timeout=30) == 2
+        # restart() does not wait for the nannies' new workers (Dask's does): on a
+        # loaded machine the second may still be starting.
+        deadline = time.monotonic() + 60
+        while c.run_on_scheduler(_n_workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling another process's progress
         assert c.run_on_scheduler(_n_workers) == 2
     assert c.cluster.status == "closed"
 
