@@ -784,6 +784,34 @@ async def test_batched_send_aclose_flushes_pending(echo_listener: Listener) -> N
         assert got == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
+async def test_send_later_rides_with_the_next_send(echo_listener: Listener) -> None:
+    async with await connect(echo_listener.address) as comm:
+        batched = BatchedSend(comm, interval=0, later=30)  # only send() or aclose() cut it
+        got: list[dict[str, Any]] = []
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batched.run)
+                batched.send_later({"i": 0})
+                await anyio.sleep(0)  # run() sees only the later message and holds it
+                batched.send({"i": 1})
+                got.append(await comm.recv())  # both in one frame, in order
+                batched.send_later({"i": 2})
+                await batched.aclose()  # flushes it without waiting 30 s
+            got.append(await comm.recv())
+        assert got == [[{"i": 0}, {"i": 1}], [{"i": 2}]]
+
+
+async def test_send_later_alone_goes_out_after_later(echo_listener: Listener) -> None:
+    async with await connect(echo_listener.address) as comm:
+        batched = BatchedSend(comm, interval=0, later=0.01)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batched.run)
+                batched.send_later({"i": 0})
+                assert await comm.recv() == [{"i": 0}]
+                await batched.aclose()
+
+
 async def test_batched_send_on_closed_comm(echo_listener: Listener) -> None:
     comm = await connect(echo_listener.address)
     batched = BatchedSend(comm)

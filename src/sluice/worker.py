@@ -407,7 +407,7 @@ class Worker(WorkerPlugins):
         if self._forward and self._batched is not None:
             events, self._forward = self._forward, []
             with contextlib.suppress(CommClosedError):
-                self._batched.send({"op": "worker-events", "events": events})
+                self._batched.send_later({"op": "worker-events", "events": events})
 
     def log_event(self, topic: str, msg: Any) -> None:
         """Publish a ``UserEvent`` on ``topic`` on this worker's bus (forwarded as usual)."""

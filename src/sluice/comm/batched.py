@@ -23,14 +23,23 @@ class BatchedSend:
     pending as one frame, then waits ``interval`` seconds so that a burst arriving
     meanwhile goes out together in the next frame.  Order is preserved.
 
+    :meth:`send_later` is for messages nobody waits on (a worker's forwarded events):
+    they share the buffer, and so the order, but do not start a frame of their own
+    for up to ``later`` seconds.  Without it, the events a worker forwards when a task
+    starts would take the frame, and the task's result, finishing a moment later,
+    would wait out ``interval`` behind them: most of a one-task round trip.
+
     Closing the BatchedSend does not close the comm: the comm's owner does that.
     """
 
-    def __init__(self, comm: Comm, *, interval: float = 0.002) -> None:
+    def __init__(self, comm: Comm, *, interval: float = 0.002, later: float = 0.02) -> None:
         self.comm = comm
         self.interval = interval
+        self.later = later
         self._buffer: list[dict[str, Any]] = []
+        self._urgent = False  # the buffer holds a message sent with send()
         self._wake: anyio.Event | None = None  # created in run(), inside the event loop
+        self._hurry: anyio.Event | None = None  # set while run() holds back send_later()
         self._closing = False
         self._running = False
         self._stopped: anyio.Event | None = None
@@ -44,6 +53,17 @@ class BatchedSend:
 
     def send(self, *msgs: dict[str, Any]) -> None:
         """Queue messages; never blocks.  Raises CommClosedError once closed."""
+        if self._closing or self.comm.closed:
+            raise CommClosedError(f"batched send to {self.comm.peer} is closed")
+        self._buffer.extend(msgs)
+        self._urgent = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._hurry is not None:
+            self._hurry.set()
+
+    def send_later(self, *msgs: dict[str, Any]) -> None:
+        """Queue messages that may wait up to ``later`` seconds for a frame; never blocks."""
         if self._closing or self.comm.closed:
             raise CommClosedError(f"batched send to {self.comm.peer} is closed")
         self._buffer.extend(msgs)
@@ -68,6 +88,13 @@ class BatchedSend:
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
+                if not self._urgent and not self._closing:
+                    # Only send_later() messages: give an urgent one the chance to
+                    # come along, but wait no longer than ``later``.
+                    self._hurry = anyio.Event()
+                    with anyio.move_on_after(self.later):
+                        await self._hurry.wait()
+                    self._hurry = None
                 await self._flush()
                 if not self._closing:
                     # Let a burst accumulate; aclose() cuts the wait short.
@@ -82,6 +109,7 @@ class BatchedSend:
 
     async def _flush(self) -> None:
         batch, self._buffer = self._buffer, []
+        self._urgent = False
         await self.comm.send(*batch)
         self.frames_sent += 1
         self.messages_sent += len(batch)
@@ -94,6 +122,8 @@ class BatchedSend:
             assert self._close_requested is not None
             self._close_requested.set()
             self._wake.set()
+            if self._hurry is not None:
+                self._hurry.set()
             await self._stopped.wait()
         elif self._buffer and not self.comm.closed:
             try:
