@@ -233,6 +233,31 @@ async def test_result_fetched_from_who_has(
 
 
 @pytest.mark.anyio
+async def test_a_result_sent_with_key_updated_needs_no_fetch(
+    fake: tuple[FakeScheduler, FakeWorker], client: Client
+) -> None:
+    sched, worker = fake
+    x = client.submit(inc, 1)
+    await sched.wait_for("update-graph")
+    await sched.push(
+        op="key-updated", key=x.key, state="memory", who_has=(worker.address,), data=b"junk"
+    )
+    await sched.push(
+        op="key-updated",
+        key=x.key,
+        state="memory",
+        who_has=(worker.address,),
+        data=cloudpickle.dumps(2),
+    )
+    with anyio.fail_after(10):
+        while x._state.generation < 2:
+            await x._state.wait_changed(x._state.generation)
+    assert await x == 2
+    assert await client.gather([x, x]) == [2, 2]
+    assert worker.requests == []  # nothing asked of the worker
+
+
+@pytest.mark.anyio
 async def test_erred_raises_original_type_with_worker_traceback(
     fake: tuple[FakeScheduler, FakeWorker], client: Client
 ) -> None:
@@ -613,6 +638,26 @@ async def test_e2e_async_local_cluster() -> None:
         assert await c.run_on_scheduler(add, 2, 3) == 5
         count = await c.run_on_scheduler(lambda sluice_scheduler: len(sluice_scheduler.workers))
         assert count == 2
+
+
+def payload(n: int) -> bytes:
+    return b"x" * n
+
+
+@needs_servers
+@pytest.mark.anyio
+async def test_e2e_small_results_come_inline_large_ones_from_the_worker() -> None:
+    from sluice.deploy import LocalCluster
+
+    async with (
+        LocalCluster(n_workers=1, processes=False, asynchronous=True) as cluster,
+        Client(cluster, asynchronous=True) as c,
+    ):
+        assert await c.gather(c.map(inc, range(50))) == list(range(1, 51))
+        assert await c.submit(add, c.submit(inc, 1), 2) == 4
+        assert not c._pool  # no connection to a worker was needed
+        assert await c.submit(payload, 100_000) == b"x" * 100_000
+        assert set(c._pool) == {cluster.workers[0].address}
 
 
 @needs_servers

@@ -295,6 +295,30 @@ async def test_get_data_is_answered(scheduler: FakeScheduler) -> None:
         assert {k: cloudpickle.loads(v) for k, v in reply["result"].items()} == {("x", 0): 42}
 
 
+def big(n: int) -> bytes:
+    return b"x" * n
+
+
+async def test_a_small_result_a_client_waits_for_comes_with_task_finished(
+    scheduler: FakeScheduler,
+) -> None:
+    async with Worker(scheduler.address) as w:
+        await scheduler.send(
+            w.address,
+            {**compute("wanted", inc, 1), "report": True},
+            {**compute("large", big, 10_000), "report": True},
+            compute("inner", inc, 5),  # nobody waits for it: no report
+        )
+        with anyio.fail_after(WAIT):
+            (wanted,) = await scheduler.wait_for(finished("wanted"))
+            (large,) = await scheduler.wait_for(finished("large"))
+            (inner,) = await scheduler.wait_for(finished("inner"))
+        assert cloudpickle.loads(wanted["data"]) == 2
+        assert "data" not in large  # over INLINE_RESULT_BYTES: the client fetches it
+        assert "data" not in inner
+        assert w.data["large"] == b"x" * 10_000 and w.data["wanted"] == 2
+
+
 async def test_worker_events_are_forwarded_with_its_address(scheduler: FakeScheduler) -> None:
     async with Worker(scheduler.address) as w:
         await scheduler.send(w.address, compute("x", inc, 1))

@@ -125,6 +125,9 @@ async def gather_states(client: Client, states: list[FutureState]) -> dict[Key, 
         for state in todo:
             await state.wait()
             state.raise_if_failed()
+            if state.data is not None:
+                results[state.key] = cloudpickle.loads(state.data)
+                continue
             holders = [w for w in state.who_has if w not in bad]
             if holders:
                 by_worker.setdefault(random.choice(holders), []).append(state)

@@ -66,6 +66,7 @@ class FutureState:
     __slots__ = (
         "_callbacks",
         "_changed",
+        "data",
         "exception",
         "generation",
         "key",
@@ -79,6 +80,8 @@ class FutureState:
         self.key = key
         self.status: Status = "pending"
         self.who_has: tuple[str, ...] = ()
+        # The pickled result when the scheduler sent it along (a small one): no fetch.
+        self.data: bytes | None = None
         self.exception: BaseException | None = None
         self.traceback: str | None = None
         self.reason = ""
@@ -104,8 +107,9 @@ class FutureState:
             for cb in callbacks:
                 cb()
 
-    def finish(self, who_has: tuple[str, ...]) -> None:
+    def finish(self, who_has: tuple[str, ...], data: bytes | None = None) -> None:
         self.who_has = tuple(who_has)
+        self.data = data
         self.exception = self.traceback = None
         self._update("finished")
 
@@ -113,17 +117,20 @@ class FutureState:
         self.exception = exception
         self.traceback = traceback
         self.who_has = ()
+        self.data = None
         self._update("error")
 
     def cancel(self, reason: str = "cancelled", status: Status = "cancelled") -> None:
         self.reason = reason
         self.who_has = ()
+        self.data = None
         self._update(status)
 
     def reset(self) -> None:
         """Back to pending: the key was submitted again after a cancel or a restart."""
         self.exception = self.traceback = None
         self.who_has = ()
+        self.data = None
         self._update("pending")
 
     async def wait_changed(self, generation: int) -> None:

@@ -178,6 +178,7 @@ class SchedulerServing:
     _ready: anyio.Event
     _specs: dict[Key, bytes]
     _exceptions: dict[Key, bytes]
+    _inline_results: dict[Key, bytes]
     _handle: Callable[[Command], None]
     _spawn: Callable[..., None]
     log_event: Callable[[str, Any], None]
@@ -291,21 +292,32 @@ class SchedulerServing:
             if self._worker_conns.get(address) is conn:
                 self._remove_worker(address, "connection lost")
 
+    def _task_finished(self, address: str, msg: dict[str, Any]) -> None:
+        key = msg["key"]
+        data = msg.get("data")
+        if isinstance(data, bytes):
+            self._inline_results[key] = data
+        try:
+            self._handle(
+                TaskFinishedMsg(
+                    worker=address,
+                    key=key,
+                    nbytes=msg.get("nbytes") or 0,
+                    duration=msg.get("duration") or 0.0,
+                    stimulus_id=msg.get("stimulus_id") or "",
+                )
+            )
+        finally:
+            if data is not None:
+                self._inline_results.pop(key, None)
+
     def _worker_frame(self, conn: WorkerConn, msgs: Iterable[dict[str, Any]]) -> None:
         address = conn.address
         for msg in msgs:
             op = msg.get("op")
             try:
                 if op == "task-finished":
-                    self._handle(
-                        TaskFinishedMsg(
-                            worker=address,
-                            key=msg["key"],
-                            nbytes=msg.get("nbytes") or 0,
-                            duration=msg.get("duration") or 0.0,
-                            stimulus_id=msg.get("stimulus_id") or "",
-                        )
-                    )
+                    self._task_finished(address, msg)
                 elif op == "task-erred":
                     self._task_erred(address, msg)
                 elif op == "missing-data":

@@ -305,7 +305,8 @@ class Client(ClientPlugins, ReferenceCounts, _loop.SyncOrAsync):
             return
         what = msg.get("state")
         if what == "memory":
-            state.finish(tuple(msg.get("who_has") or ()))
+            data = msg.get("data")
+            state.finish(tuple(msg.get("who_has") or ()), data if isinstance(data, bytes) else None)
         elif what == "erred":
             state.set_error(load_exception(msg), msg.get("traceback"))
         elif what == "forgotten":

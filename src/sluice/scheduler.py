@@ -143,6 +143,9 @@ class Scheduler(SchedulerServing):
         self._init_serving()
         self._specs: dict[Key, bytes] = {}
         self._exceptions: dict[Key, bytes] = {}
+        # A small result a worker sent with task-finished, held only while that
+        # message is handled, so the key-updated it causes carries it to the client.
+        self._inline_results: dict[Key, bytes] = {}
         self._accepting = False
         self._started = False
         self._closing = False
@@ -361,6 +364,12 @@ class Scheduler(SchedulerServing):
     def _send_messages(self, messages: Iterable[Message]) -> None:
         workers = self._worker_conns
         clients = self._client_conns
+        tasks = self.state.tasks
+
+        def key_wanted(key: Key) -> bool:
+            ts = tasks.get(key)
+            return ts is not None and bool(ts.who_wants)
+
         for msg in messages:
             kind = type(msg)
             if kind is ComputeTaskMsg:
@@ -375,6 +384,8 @@ class Scheduler(SchedulerServing):
                             "who_has": dict(msg.who_has),
                             "priority": msg.priority,
                             "stimulus_id": msg.stimulus_id,
+                            # A client waits for it: a small result comes back inline.
+                            "report": key_wanted(msg.key),
                         }
                     )
             elif kind is FreeKeysMsg:
@@ -398,6 +409,7 @@ class Scheduler(SchedulerServing):
                             "exception": self._exception_bytes(msg.key) if erred else None,
                             "exception_text": msg.exception,
                             "traceback": msg.traceback,
+                            "data": self._inline_results.get(msg.key),
                         }
                     )
 

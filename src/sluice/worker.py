@@ -119,6 +119,12 @@ class RegistrationError(RuntimeError):
     """The scheduler refused this worker (its name is taken, for instance)."""
 
 
+#: A result a client waits for travels with ``task-finished`` (and on to the client
+#: with ``key-updated``) when it pickles to at most this many bytes, so the client
+#: needs no ``get-data`` round trip to the worker for it.
+INLINE_RESULT_BYTES: Final = 1024
+
+
 def _pickle(value: Any) -> bytes:
     return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
 
@@ -182,6 +188,8 @@ class Worker(WorkerPlugins):
             self.bus.subscribe(self._forward_event, name="forward-to-scheduler")
 
         self._specs: dict[Key, bytes] = {}
+        # Keys whose result a client waits for (compute-task said "report").
+        self._report: set[Key] = set()
         self._incoming: dict[Key, Any] = {}
         self._exceptions: dict[Key, bytes] = {}
         self._forward: list[dict[str, Any]] = []
@@ -396,6 +404,7 @@ class Worker(WorkerPlugins):
                     self.data[event.key] = self._incoming.pop(event.key)
             elif finish == "forgotten":
                 self._specs.pop(event.key, None)
+                self._report.discard(event.key)
         self.bus.publish(event)
 
     def _forward_event(self, event: Event) -> None:
@@ -435,15 +444,19 @@ class Worker(WorkerPlugins):
         if isinstance(ins, Execute):
             self._start_execute(ins)
         elif isinstance(ins, TaskFinishedMsg):
-            self._to_scheduler(
-                {
-                    "op": "task-finished",
-                    "key": ins.key,
-                    "nbytes": ins.nbytes,
-                    "duration": ins.duration,
-                    "stimulus_id": ins.stimulus_id,
-                }
-            )
+            finished: dict[str, Any] = {
+                "op": "task-finished",
+                "key": ins.key,
+                "nbytes": ins.nbytes,
+                "duration": ins.duration,
+                "stimulus_id": ins.stimulus_id,
+            }
+            if ins.key in self._report:
+                self._report.discard(ins.key)
+                data = self._small_result(ins.key, ins.nbytes)
+                if data is not None:
+                    finished["data"] = data
+            self._to_scheduler(finished)
         elif isinstance(ins, GatherDep):
             assert self._tg is not None
             self._tg.start_soon(self._gather, ins)
@@ -474,6 +487,16 @@ class Worker(WorkerPlugins):
                     "stimulus_id": ins.stimulus_id,
                 }
             )
+
+    def _small_result(self, key: Key, nbytes: int) -> bytes | None:
+        """``key``'s pickled value if it is at most INLINE_RESULT_BYTES, else None."""
+        if nbytes > INLINE_RESULT_BYTES or key not in self.data:
+            return None
+        try:
+            data = _pickle(self.data[key])
+        except Exception:  # the client's get-data will report it
+            return None
+        return data if len(data) <= INLINE_RESULT_BYTES else None
 
     def _to_scheduler(self, msg: dict[str, Any]) -> None:
         assert self._batched is not None
@@ -638,6 +661,8 @@ class Worker(WorkerPlugins):
                 if op == "compute-task":
                     key = msg["key"]
                     self._specs[key] = msg["spec"]
+                    if msg.get("report"):
+                        self._report.add(key)
                     who_has = msg.get("who_has") or {}
                     self._handle(
                         ComputeTaskMsg(
