@@ -618,3 +618,50 @@ async def test_a_worker_that_closes_cleanly_says_so() -> None:
         removed = await recorder.wait_for(lambda e: isinstance(e, WorkerRemoved), timeout=10)
     assert (removed.worker, removed.reason) == (address, "worker closed (closed)")
     assert len(recorder.events) == 1
+
+
+async def test_a_closed_workers_last_forwarded_events_are_on_the_bus(tmp_path: Path) -> None:
+    """When Worker.close() returns, the scheduler has handled everything the worker
+    sent before closing, its last forwarded transitions too, so a scheduler closing
+    right after still has them on its bus (and in its event log)."""
+    from sluice.client import Client
+    from sluice.testing import Recorder
+    from sluice.worker import Worker
+
+    n = 1000
+    log = tmp_path / "log.jsonl"
+    async with Scheduler(port=0, event_log=log) as s:
+        on_scheduler = Recorder(kinds=["task-transition"])
+        on_scheduler.attach(s)
+        # A sink that keeps the bus near its high-water mark, so the scheduler reads
+        # each worker frame a little late, as with a busy broker behind a sink.
+        s.bus.subscribe(_SlowSink(), name="slow", maxsize=50, max_batch=50)
+        worker = Worker(s.address, nthreads=1)
+        on_worker = Recorder(kinds=["task-transition"])
+        async with worker, Client(s.address, asynchronous=True) as c:
+            on_worker.attach(worker)
+            futures = c.map(_inc, range(n), key=[f"x-{i}" for i in range(n)])
+            assert await c.gather(futures) == list(range(1, n + 1))
+        # The client's release made the worker forget keys just before it closed.
+    # The scheduler closed right after the worker: what it had not read is lost.
+
+    def story(events: list[Any]) -> list[tuple[Any, str, str]]:
+        return [
+            (e.key, e.start, e.finish)
+            for e in events
+            if isinstance(e, TaskTransition) and e.source == worker.address
+        ]
+
+    sent = story(on_worker.events)
+    assert sum(finish == "forgotten" for _, _, finish in sent) > 0
+    assert story(on_scheduler.events) == sent
+    assert story(list(read_events(log))) == sent
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+class _SlowSink:
+    def write(self, batch: list[Any]) -> None:  # in a thread of its own
+        time.sleep(0.01)  # the cost of a slow sink, not a wait for anything

@@ -206,6 +206,7 @@ class Worker(WorkerPlugins):
         self._stop = anyio.Event()
         self._running = anyio.Event()
         self._done = anyio.Event()
+        self._scheduler_closed = anyio.Event()  # the scheduler ended our stream
 
     @property
     def exceptions(self) -> dict[Key, str]:
@@ -378,12 +379,19 @@ class Worker(WorkerPlugins):
         await teardown_preloads(self.preloads, self)  # before the bus is drained
         self._flush_forward()
         assert self._batched is not None and self._comm is not None
+        said_closing = False
         if self.close_reason not in ("scheduler-close", "scheduler-lost", "scheduler-restart"):
             # Said, so the scheduler (and its event log) can tell a clean stop from a crash.
             with contextlib.suppress(CommClosedError):
                 self._batched.send({"op": "closing", "reason": self.close_reason})
+                said_closing = True
         with anyio.move_on_after(5):
             await self._batched.aclose()
+            if said_closing:
+                # The scheduler ends the stream once it has handled "closing", so
+                # everything sent before it (the last forwarded events) is on its bus
+                # when close() returns, even if the scheduler itself closes next.
+                await self._scheduler_closed.wait()
         await self._comm.aclose()
         await self._pool.aclose()
 
@@ -648,6 +656,7 @@ class Worker(WorkerPlugins):
                     await self.bus.wait_for_capacity()
                 self._dispatch(await self._comm.recv())
         except CommClosedError:
+            self._scheduler_closed.set()
             if not self._stop.is_set():
                 logger.warning(
                     "worker %s lost its scheduler %s; closing", self.address, self.scheduler_address
