@@ -44,6 +44,7 @@ from sluice._amqp_url import (
     default_spool_dir,
     parse_bool,
     parse_kinds,
+    queue_arguments,
     redact,
     split_url,
     target_label,
@@ -94,7 +95,10 @@ class RabbitMQ(Sink):
     publish the transitions workers forward to the scheduler (by default a sink on
     the scheduler publishes the scheduler's own events: the task status that
     consumers follow, at 5 messages per task instead of 11; the broker spends tens
-    of microseconds of CPU on each persistent message).
+    of microseconds of CPU on each persistent message). ``queue_args`` (or
+    ``x-...=`` in the URL): arguments of the queue's declaration; on RabbitMQ
+    3.10-3.12, ``x-queue-version=2&x-queue-mode=lazy`` cut the broker's CPU per
+    message by about 40% (what 3.13's classic queues do by default; docs/rabbitmq.md).
     """
 
     name = "rabbitmq"
@@ -116,8 +120,11 @@ class RabbitMQ(Sink):
         run_id: str | None = None,
         process: bool | None = None,
         forwarded: bool | None = None,
+        queue_args: dict[str, Any] | None = None,
     ) -> None:
         plain, opts = split_url(url)
+        declare_args = queue_arguments(opts, queue_args)
+        opts = {k: v for k, v in opts.items() if not k.startswith("x-")}
         given: dict[str, Any] = {
             "queue": queue,
             "exchange": exchange,
@@ -141,6 +148,10 @@ class RabbitMQ(Sink):
             raise ValueError("an exchange needs a routing_key template, e.g. task.{finish}")
         if exchange == "":
             raise ValueError("exchange must not be empty (give queue= for the default exchange)")
+        if declare_args and exchange is not None:
+            raise ValueError(
+                f"queue arguments ({', '.join(sorted(declare_args))}) need a queue, not an exchange"
+            )
         if queue is None and exchange is None:
             queue = DEFAULT_QUEUE
         timeout = given["close_timeout"]
@@ -189,6 +200,7 @@ class RabbitMQ(Sink):
             "max_memory": max_memory,
             "max_inflight": max_inflight,
             "max_backoff": max_backoff,
+            "queue_arguments": declare_args,
         }
         self.process = parse_bool("process", True if given["process"] is None else given["process"])
         self.forwarded = parse_bool("forwarded", given["forwarded"] or False)

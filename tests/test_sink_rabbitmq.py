@@ -337,6 +337,17 @@ async def test_spool_survives_a_scheduler_restart(
         ("amqp://localhost/", {"exchange": "x", "routing_key": "task.{}"}, "named fields"),
         ("", {}, "non-empty string"),
         ("amqp://localhost/?process=maybe", {}, "process must be true or false"),
+        ("amqp://localhost/?x-queue-mode=", {}, "x-queue-mode= is empty"),
+        (
+            "amqp://localhost/?x-queue-mode=lazy",
+            {"queue_args": {"x-queue-mode": "default"}},
+            "x-queue-mode is given both",
+        ),
+        (
+            "amqp://localhost/?exchange=x&routing_key=k&x-queue-mode=lazy",
+            {},
+            "queue arguments \\(x-queue-mode\\) need a queue",
+        ),
     ],
 )
 def test_bad_options_raise_one_line_value_errors(
@@ -378,6 +389,33 @@ def test_url_options_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     path = default_spool_dir("amqp://h:5673/v%2Fh", "q", None)
     assert path == tmp_path / "cache" / "sluice" / "rabbitmq-spool" / "h_5673_v%2Fh_queue-q"
     assert default_spool_dir("amqp://h", None, "ev").name == "h_5672_%2F_exchange-ev"
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_queue_arguments_reach_the_broker(tmp_path: Path, shared_queue: str, process: bool) -> None:
+    """x-... URL options and queue_args declare the queue with those arguments, typed."""
+    import pika
+
+    url = f"{SHARED_URL}?queue={shared_queue}&x-queue-mode=lazy&x-queue-version=2"
+    sink = RabbitMQ.from_url(
+        url, spool=tmp_path, process=process, queue_args={"x-max-length": 1_000_000}
+    )
+    sink.write(_events(1, 11))
+    assert sink.wait_confirmed(WAIT)
+    sink.close()
+    connection = pika.BlockingConnection(pika.URLParameters(SHARED_URL))
+    try:
+        # The broker refuses a declaration whose arguments differ from the queue's,
+        # so one with exactly these passes and one without them fails.
+        channel = connection.channel()
+        arguments = {"x-queue-mode": "lazy", "x-queue-version": 2, "x-max-length": 1_000_000}
+        declared = channel.queue_declare(shared_queue, durable=True, arguments=arguments)
+        assert declared.method.message_count == 10
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-"):
+            channel.queue_declare(shared_queue, durable=True)
+    finally:
+        connection.close()
 
 
 def test_routing_key_templates() -> None:

@@ -91,10 +91,12 @@ class Publisher:
         max_memory: int = 100_000,
         max_inflight: int = 10_000,
         max_backoff: float = 5.0,
+        queue_arguments: dict[str, Any] | None = None,
     ) -> None:
         self.parameters = parameters
         self.exchange = exchange
         self.queue = queue
+        self.queue_arguments = queue_arguments or None
         self.encode = encode
         self.spool = spool
         self.label = label
@@ -374,7 +376,12 @@ class Publisher:
         if channel is None or not channel.is_open:
             return
         if self.queue is not None:
-            channel.queue_declare(self.queue, durable=True, callback=self._on_declared)
+            channel.queue_declare(
+                self.queue,
+                durable=True,
+                arguments=self.queue_arguments,
+                callback=self._on_declared,
+            )
         else:
             channel.exchange_declare(
                 self.exchange, exchange_type="topic", durable=True, callback=self._on_declared

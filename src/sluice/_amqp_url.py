@@ -10,6 +10,8 @@ are taken out before pika sees the rest (``heartbeat=``, ``ssl_options=``...):
   exchange (declared), routed by the template, e.g. ``task.{finish}``.
 - ``spool=PATH``, ``kinds=a,b``, ``close_timeout=SECONDS``, ``process=true``,
   ``forwarded=true``.
+- ``x-...=VALUE``: an argument of the queue's declaration, such as
+  ``x-queue-mode=lazy`` or ``x-queue-version=2`` (digits become integers).
 
 Every error is a :class:`ValueError` with a one-line message naming the problem.
 """
@@ -86,7 +88,7 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
         if name in seen:
             raise ValueError(f"RabbitMQ URL gives {name}= more than once")
         seen.add(name)
-        if name in _OWN:
+        if name in _OWN or name.startswith("x-"):
             if not value:
                 raise ValueError(f"RabbitMQ URL option {name}= is empty")
             own[name] = value
@@ -94,6 +96,23 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
             rest.append((name, value))
     plain = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
     return plain, own
+
+
+def queue_arguments(options: Mapping[str, str], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The queue's declaration arguments: the URL's ``x-...`` options and ``given``.
+
+    A value of digits is an integer (``x-queue-version=2``, ``x-max-length=1000``),
+    as RabbitMQ wants those arguments typed.
+    """
+    from_url = {
+        name: int(value) if value.isdigit() else value
+        for name, value in options.items()
+        if name.startswith("x-")
+    }
+    both = sorted(set(from_url) & set(given or ()))
+    if both:
+        raise ValueError(f"{', '.join(both)} is given both in the URL and as an argument")
+    return {**from_url, **(given or {})}
 
 
 def check_pika_url(url: str) -> Any:
