@@ -36,6 +36,21 @@ def test_public_names_are_exported_and_listed() -> None:
     assert sluice.__version__ == "0.1.0"
 
 
+def test_contract_submodules_work_right_after_import_sluice() -> None:
+    """``import sluice`` then ``sluice.config.set(...)``, as the docs write it, in a
+    fresh interpreter (here earlier imports would hide a missing one)."""
+    code = (
+        "import sluice\n"
+        "sluice.config.set({'sluice.worker.forward-events': False})\n"
+        "assert sluice.config.get('sluice.worker.forward-events') is False\n"
+        "assert sluice.events.TaskTransition.kind == 'task-transition'\n"
+        "assert callable(sluice.replay.read_events)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
 def test_sinks_package_is_importable_as_sluice_sinks() -> None:
     import sluice.sinks.counter
     import sluice.sinks.eventlog

@@ -45,19 +45,26 @@ _LAZY = {
 }
 
 
+# Submodules that the contract names as ``sluice.X`` without an import of their own
+# (``sluice.config.set(...)`` right after ``import sluice``).
+_SUBMODULES = frozenset({"config", "events", "plugins", "preload", "replay", "sinks", "testing"})
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sluice.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sluice' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
 try:
