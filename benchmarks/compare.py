@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -365,12 +366,19 @@ def write_replay_log(path: Path, n_tasks: int, n_workers: int = 4) -> int:
     )
     events, messages = state.handle(graph, now=now)
     emit(events)
-    for i, msg in enumerate(messages):
-        if isinstance(msg, ComputeTaskMsg):
-            done = TaskFinishedMsg(
-                worker=msg.worker, key=msg.key, nbytes=28, duration=0.001, stimulus_id=f"f-{i}"
-            )
-            emit(state.handle(done, now=now + i * 1e-4)[0])
+    # Finish each task as the scheduler hands it out (it queues roots while the
+    # workers are saturated; each finished task's handle() sends the next).
+    pending = deque(m for m in messages if isinstance(m, ComputeTaskMsg))
+    i = 0
+    while pending:
+        msg = pending.popleft()
+        done = TaskFinishedMsg(
+            worker=msg.worker, key=msg.key, nbytes=28, duration=0.001, stimulus_id=f"f-{i}"
+        )
+        events, messages = state.handle(done, now=now + i * 1e-4)
+        emit(events)
+        pending.extend(m for m in messages if isinstance(m, ComputeTaskMsg))
+        i += 1
     writer.write(batch)
     writer.close()
     return state.seq

@@ -6,7 +6,7 @@ from typing import Any
 
 from sluice._core.commands import Command
 from sluice._core.messages import ComputeTaskMsg, Message, TaskFinishedMsg
-from sluice._core.scheduler_state import SchedulerState
+from sluice._core.scheduler_state import DEFAULT_SATURATION, SchedulerState
 from sluice._core.transitions import ACTIVE, LEGAL_EDGES
 from sluice.events import Event, GraphUpdated, Key, Restarted, TaskTransition
 
@@ -19,11 +19,11 @@ class Harness:
     task is and follows a legal edge.
     """
 
-    def __init__(self) -> None:
-        self.state = SchedulerState()
+    def __init__(self, worker_saturation: float = DEFAULT_SATURATION) -> None:
+        self.state = SchedulerState(worker_saturation)
         # Fed the same commands: its tasks hash differently (by id), so any
         # decision that leaked set order would make the two logs differ.
-        self.twin = SchedulerState()
+        self.twin = SchedulerState(worker_saturation)
         self.log: list[Event] = []
         self.mirror: dict[Key, str] = {}
         self.now = 0.0
@@ -108,8 +108,10 @@ def check_invariants(state: SchedulerState) -> None:
         if ts.state == "no-worker":
             assert not workers
             assert all(d.state == "memory" for d in ts.dependencies)
-        if ts.state == "waiting":
-            assert not all(d.state == "memory" for d in ts.dependencies), f"{ts} ready, waits"
+        if ts.state == "waiting" and all(d.state == "memory" for d in ts.dependencies):
+            # Ready but held back: only a root, queued, while no worker has room.
+            assert not ts.dependencies and ts in state._queued, f"{ts} ready, waits"
+            assert all(state._room(w) <= 0 for w in workers.values()), f"{ts} queued, room"
         if ts.state == "erred":
             assert ts.who_wants or ts.dependents
             assert ts.exception is not None
@@ -127,3 +129,6 @@ def check_invariants(state: SchedulerState) -> None:
         for ts in cs.wants_what:
             assert name in ts.who_wants and state.tasks[ts.key] is ts
     assert set(state.unrunnable) == {t for t in state.tasks.values() if t.state == "no-worker"}
+    for ts in state._queued:
+        assert ts.state == "waiting" and not ts.dependencies, ts
+        assert state.tasks.get(ts.key) is ts

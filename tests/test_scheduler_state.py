@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -179,11 +180,61 @@ def test_worker_loss_reschedules_and_recomputes(h: Harness) -> None:
     # Losing the last worker: wanted results are recomputed when one comes back.
     events, _ = h.run(RemoveWorker(worker="tcp://w2"))
     assert h.state.tasks["b"].state == "waiting"
-    assert h.state.tasks["a"].state == "no-worker"
+    # A root task waits in the scheduler's queue for a worker (no-worker is for
+    # tasks whose dependencies are done).
+    assert h.state.tasks["a"].state == "waiting"
+    assert [t.key for t in h.state.queued] == ["a", "x"]
     _, msgs = h.run(AddWorker(worker="tcp://w3"))
     assert computes(msgs) == {"a": "tcp://w3", "x": "tcp://w3"}
     h.finish_all(msgs)
     assert h.state.tasks["b"].state == "memory" and h.state.tasks["x"].state == "memory"
+
+
+def test_roots_wait_in_the_queue_while_workers_are_saturated() -> None:
+    h = Harness(worker_saturation=2)
+    h.run(AddWorker(worker="tcp://w1", nthreads=1))
+    h.run(AddWorker(worker="tcp://w2", nthreads=1))
+    h.run(AddClient(client="c"))
+    keys = tuple(f"r{i}" for i in range(10))
+    events, msgs = h.run(UpdateGraph(client="c", keys=keys, dependencies={k: () for k in keys}))
+    # Two per worker, in contiguous runs; the other six wait, in order.
+    assert computes(msgs) == {
+        "r0": "tcp://w1",
+        "r1": "tcp://w1",
+        "r2": "tcp://w2",
+        "r3": "tcp://w2",
+    }
+    assert [t.key for t in h.state.queued] == ["r4", "r5", "r6", "r7", "r8", "r9"]
+    assert all(h.state.tasks[k].state == "waiting" for k in keys[4:])
+    # A finished task makes room: the next queued root goes to that worker.
+    events, msgs = h.run(TaskFinishedMsg(worker="tcp://w2", key="r2", nbytes=1))
+    assert transitions(events)[-1] == ("r4", "waiting", "processing")
+    assert computes(msgs) == {"r4": "tcp://w2"}
+    # A worker that joins late gets its share at once.
+    _, msgs = h.run(AddWorker(worker="tcp://w3", nthreads=2))
+    assert computes(msgs) == {k: "tcp://w3" for k in ("r5", "r6", "r7", "r8")}
+    # Released while queued: it leaves the queue and is never sent.
+    events, msgs = h.run(ReleaseKeys(client="c", keys=("r9",)))
+    assert ("r9", "waiting", "released") in transitions(events) and not computes(msgs)
+    assert h.state.queued == []
+    # Everything else runs to the end.
+    while processing := [t for t in h.state.tasks.values() if t.state == "processing"]:
+        for ts in processing:
+            assert ts.processing_on is not None
+            h.run(TaskFinishedMsg(worker=ts.processing_on.address, key=ts.key, nbytes=1))
+    assert all(h.state.tasks[k].state == "memory" for k in keys[:9])
+
+
+def test_restart_empties_the_queue() -> None:
+    h = Harness(worker_saturation=1)
+    h.run(AddWorker(worker="tcp://w1", nthreads=1))
+    h.run(AddClient(client="c"))
+    h.run(UpdateGraph(client="c", keys=("a", "b"), dependencies={"a": (), "b": ()}))
+    assert [t.key for t in h.state.queued] == ["b"]
+    h.run(Restart())
+    assert h.state.queued == []
+    _, msgs = h.run(UpdateGraph(client="c", keys=("a",), dependencies={"a": ()}))
+    assert computes(msgs) == {"a": "tcp://w1"}
 
 
 def test_unknown_worker_removal_emits_nothing(h: Harness) -> None:
@@ -378,9 +429,12 @@ CLIENTS = ("c0", "c1", "c2")
 class SchedulerMachine(RuleBasedStateMachine):
     """Random clusters: after every step the log replays to the live state."""
 
+    #: Small, so that root tasks often wait in the scheduler's queue.
+    worker_saturation = 1.0
+
     def __init__(self) -> None:
         super().__init__()
-        self.h = Harness()
+        self.h = Harness(self.worker_saturation)
         self.counter = 0
         self.saved: dict[int, dict[str, Any]] = {}
 
@@ -525,7 +579,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def replay_matches_live(self) -> None:
         live = self.s.snapshot()
         assert live["seq"] == len(self.h.log)
-        assert SchedulerState.from_events(self.h.log).snapshot() == live
+        replayed = SchedulerState.from_events(self.h.log)
+        assert replayed.snapshot() == live
+        # The queue is not logged: replay rebuilds it, in the same order.
+        assert [t.key for t in replayed.queued] == [t.key for t in self.s.queued]
         check_invariants(self.s)
         self.saved[live["seq"]] = live
 
@@ -534,6 +591,18 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
 test_scheduler_machine = SchedulerMachine.TestCase
+
+
+class EagerSchedulerMachine(SchedulerMachine):
+    """The same rules with no queue: every ready task goes to a worker at once."""
+
+    worker_saturation = math.inf
+
+
+EagerSchedulerMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=40, deadline=None
+)
+test_eager_scheduler_machine = EagerSchedulerMachine.TestCase
 
 
 def test_events_are_frozen_values(h: Harness) -> None:

@@ -41,7 +41,14 @@ __all__ = (
 #: Every key sluice reads, with its default.
 DEFAULTS: dict[str, Any] = {
     "sluice": {
-        "scheduler": {"preload": [], "preload-argv": [], "sinks": []},
+        "scheduler": {
+            "preload": [],
+            "preload-argv": [],
+            "sinks": [],
+            # Tasks per worker thread before root tasks wait on the scheduler
+            # (SchedulerState's worker_saturation); .inf sends everything at once.
+            "worker-saturation": 64.0,
+        },
         "worker": {
             "preload": [],
             "preload-argv": [],
@@ -197,6 +204,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "preload-strict": (lambda v: isinstance(v, bool), "true or false"),
     "sinks": (_is_sinks, "a sink spec or a list of sink specs"),
     "forward-events": (lambda v: isinstance(v, bool), "true or false"),
+    "worker-saturation": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+        "a number > 0 (.inf: no queue)",
+    ),
 }
 
 

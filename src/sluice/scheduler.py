@@ -46,6 +46,7 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
+from sluice import config
 from sluice._core.commands import Command
 from sluice._core.messages import ComputeTaskMsg, FreeKeysMsg, KeyUpdatedMsg, Message
 from sluice._core.scheduler_state import (
@@ -93,7 +94,10 @@ class Scheduler(SchedulerServing):
 
     ``async with Scheduler(port=0) as s:`` runs it; ``s.address`` is where
     workers and clients connect. A non-loopback ``host`` needs TLS or an auth
-    token in ``security``, or ``insecure=True``.
+    token in ``security``, or ``insecure=True``. ``worker_saturation`` (default:
+    config ``sluice.scheduler.worker-saturation``, 64): tasks per worker thread
+    before ready root tasks wait in the scheduler's queue; ``math.inf`` sends
+    every ready task at once.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Scheduler(SchedulerServing):
         preload: str | Sequence[str] | None = None,
         preload_argv: Sequence[str] | Sequence[Sequence[str]] | None = None,
         preload_strict: bool | None = None,
+        worker_saturation: float | None = None,
     ) -> None:
         secured = security is not None and (security.tls or security.auth_token is not None)
         if not is_loopback(host) and not secured and not insecure:
@@ -134,7 +139,9 @@ class Scheduler(SchedulerServing):
         sink_objects = sinks_from_config("scheduler", sinks)
         #: ``tcp://host:port`` once :meth:`start` has bound the port.
         self.address = ""
-        self.state = SchedulerState()
+        if worker_saturation is None:
+            worker_saturation = float(config.get("sluice.scheduler.worker-saturation"))
+        self.state = SchedulerState(worker_saturation)
         self.bus = EventBus(
             stamp=lambda e: self.state.record(e, now=time.time()),
             catch_up=self._read_log if self.event_log is not None else None,

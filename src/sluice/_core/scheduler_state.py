@@ -22,6 +22,13 @@ Rules the decisions keep (the tests check them after every step):
 - A processing task's dependencies are all in memory. If one is lost (its
   worker died, a peer could not find it) the task goes back to waiting.
 - A no-worker task is ready; there are such tasks only while there is no worker.
+- A ready task without dependencies (a root) is sent to a worker only while that
+  worker runs fewer than ``worker_saturation`` tasks per thread; otherwise it
+  stays waiting in the scheduler's queue, in (priority, creation) order, and
+  goes to the first worker with room. So a graph of a million roots costs the
+  scheduler its tasks, not a million dispatch messages at once, and a worker
+  that joins late gets its share. A task with dependencies goes out as soon as
+  they are done: the roots already bound how many of those there are.
 - Each result lives on exactly the worker that computed it (``who_has`` has
   one entry): peers that fetch a copy do not report it.
 - An erred task stays erred while a client or a dependent refers to it, so
@@ -32,9 +39,11 @@ Rules the decisions keep (the tests check them after every step):
 
 from __future__ import annotations
 
+import heapq
+import math
 import operator
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 from sluice._core.commands import (
     AddClient,
@@ -46,6 +55,7 @@ from sluice._core.commands import (
     Restart,
     UpdateGraph,
 )
+from sluice._core.graph_check import check_graph
 from sluice._core.messages import (
     ComputeTaskMsg,
     FreeKeysMsg,
@@ -96,12 +106,32 @@ __all__ = (
 
 _uid = operator.attrgetter("uid")
 
+#: Default ``worker_saturation``: root tasks a worker may hold per thread. Large
+#: enough that a worker never idles between two batches of tiny tasks while its
+#: results travel to the scheduler and new work comes back (a round trip of a few
+#: milliseconds at thousands of tasks a second), small enough that a graph of
+#: millions of roots stays on the scheduler, not in messages and worker queues.
+DEFAULT_SATURATION = 64.0
+
 
 class SchedulerState(FoldedState):
-    """The scheduler's state plus the decisions that move it (:meth:`handle`)."""
+    """The scheduler's state plus the decisions that move it (:meth:`handle`).
 
-    def __init__(self) -> None:
+    ``worker_saturation``: how many tasks per thread a worker may be given while
+    root tasks wait in the scheduler's queue (``math.inf``: send every ready task
+    at once).
+    """
+
+    def __init__(self, worker_saturation: float = DEFAULT_SATURATION) -> None:
         super().__init__()
+        if not worker_saturation > 0:
+            raise ValueError(f"worker_saturation must be > 0, not {worker_saturation!r}")
+        self.worker_saturation = worker_saturation
+        # Ready root tasks held back while every worker is saturated: a heap of
+        # (priority, uid, task). A task released while queued leaves _queued at
+        # once and its heap entry when it is popped (or the heap is compacted).
+        self._queue: list[tuple[int, int, SchedulerTask]] = []
+        self._queued: set[SchedulerTask] = set()
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             UpdateGraph: self._h_update_graph,
             TaskFinishedMsg: self._h_task_finished,
@@ -148,7 +178,23 @@ class SchedulerState(FoldedState):
         self._messages = messages
         self._dead = None
         handler(cmd)
+        if self._queued:
+            self._fill_from_queue()
         return events, messages
+
+    @classmethod
+    def from_events(cls, events: Iterable[Event], until: int | None = None) -> Self:
+        state = super().from_events(events, until)
+        # The queue is not in the log: it is every ready waiting task.
+        for ts in state.tasks.values():
+            if ts.state == WAITING and all(d.state == MEMORY for d in ts.dependencies):
+                state._enqueue(ts)
+        return state
+
+    @property
+    def queued(self) -> list[SchedulerTask]:
+        """The ready tasks waiting for a worker with room, in the order they will go."""
+        return sorted(self._queued, key=lambda ts: (ts.priority, ts.uid))
 
     # --------------------------------------------------------------- emitting
 
@@ -294,10 +340,13 @@ class SchedulerState(FoldedState):
         are already on the same worker.
         """
         workers = self.workers
+        deps = ts.dependencies
+        if not deps and self.worker_saturation != math.inf:
+            self._assign_root(ts)
+            return
         if not workers:
             self._move(ts, NO_WORKER)
             return
-        deps = ts.dependencies
         best: WorkerRecord | None = None
         if deps:
             idlest = min(len(ws.processing) / (ws.nthreads or 1) for ws in workers.values())
@@ -336,6 +385,82 @@ class SchedulerState(FoldedState):
                 best = last
             self._root_worker = best
         assert best is not None
+        self._send(ts, best)
+
+    def _room(self, ws: WorkerRecord) -> int:
+        """How many more tasks ``ws`` may be given before root tasks wait for it."""
+        return max(1, math.ceil((ws.nthreads or 1) * self.worker_saturation)) - len(ws.processing)
+
+    def _assign_root(self, ts: SchedulerTask) -> None:
+        """Send a ready root task to the least loaded worker with room, else queue it.
+
+        Within one command that starts many roots, they are dealt out in
+        contiguous runs (see :meth:`_assign`) as long as the worker has room.
+        """
+        best: WorkerRecord | None = None
+        best_load = 0.0
+        for ws in self.workers.values():
+            if self._room(ws) <= 0:
+                continue
+            load = len(ws.processing) / (ws.nthreads or 1)
+            if (
+                best is None
+                or load < best_load
+                or (load == best_load and ws.address < best.address)
+            ):
+                best = ws
+                best_load = load
+        if best is None:
+            self._enqueue(ts)
+            return
+        last = self._root_worker
+        if (
+            self._root_run > 1
+            and last is not None
+            and last.address in self.workers
+            and self._room(last) > 0
+            and len(last.processing) / (last.nthreads or 1) < best_load + self._root_run
+        ):
+            best = last
+        self._root_worker = best
+        self._send(ts, best)
+
+    def _enqueue(self, ts: SchedulerTask) -> None:
+        if ts not in self._queued:
+            self._queued.add(ts)
+            heapq.heappush(self._queue, (ts.priority, ts.uid, ts))
+
+    def _fill_from_queue(self) -> None:
+        """Give queued root tasks to the workers with room, the least loaded first.
+
+        Each worker takes a contiguous run of the queue, so neighbouring roots
+        (whose results often meet downstream) land on the same worker.
+        """
+        queue = self._queue
+        queued = self._queued
+        if len(queue) > 2 * len(queued) + 64:
+            # Mostly entries of tasks released while queued: drop them.
+            queue[:] = [entry for entry in queue if entry[2] in queued]
+            heapq.heapify(queue)
+        room = self._room
+        with_room = [ws for ws in self.workers.values() if room(ws) > 0]
+        if len(with_room) > 1:  # usually just the worker whose task finished
+            with_room.sort(key=lambda ws: (len(ws.processing) / (ws.nthreads or 1), ws.address))
+        for ws in with_room:
+            free = room(ws)
+            while free > 0 and queued:
+                ts = heapq.heappop(queue)[2]
+                if ts in queued:
+                    queued.discard(ts)
+                    self._send(ts, ws)
+                    free -= 1
+            if not queued:
+                queue.clear()
+                return
+
+    def _send(self, ts: SchedulerTask, best: WorkerRecord) -> None:
+        """Move ``ts`` to processing on ``best`` and tell that worker to compute it."""
+        deps = ts.dependencies
         self._move(ts, PROCESSING, worker=best.address)
         who_has = (
             {d.key: tuple(sorted(w.address for w in d.who_has)) for d in ordered(deps)}
@@ -389,6 +514,7 @@ class SchedulerState(FoldedState):
             for ws in holders:
                 self._free(ws, ts.key)
         else:
+            self._queued.discard(ts)
             self._move(ts, RELEASED)
 
     def _release_unneeded(self, candidates: Iterable[SchedulerTask]) -> None:
@@ -447,7 +573,7 @@ class SchedulerState(FoldedState):
             ts = tasks.get(key)
             if ts is None or ts.state == FORGOTTEN:
                 new[key] = tuple(kdeps)
-        self._check_graph(cmd, new)
+        check_graph(self.tasks, cmd.keys, new)
         self._push(
             GraphUpdated(
                 seq=self.seq + 1,
@@ -469,46 +595,6 @@ class SchedulerState(FoldedState):
         leftovers = [ts for k in new if (ts := tasks[k]).state == RELEASED]
         if leftovers:
             self._release_unneeded(leftovers)
-
-    def _check_graph(self, cmd: UpdateGraph, new: dict[Key, tuple[Key, ...]]) -> None:
-        tasks = self.tasks
-
-        def known(key: Key) -> bool:
-            if key in new:
-                return True
-            ts = tasks.get(key)
-            return ts is not None and ts.state != FORGOTTEN
-
-        for key, kdeps in new.items():
-            for dep in kdeps:
-                if not known(dep):
-                    raise GraphError(f"task {key!r} depends on unknown key {dep!r}")
-        for key in cmd.keys:
-            if not known(key):
-                raise GraphError(f"wanted key {key!r} is not in the graph")
-        # Only new tasks can form a cycle: existing tasks keep their dependencies.
-        done: set[Key] = set()
-        for root, root_deps in new.items():
-            if root in done:
-                continue
-            if not root_deps:
-                done.add(root)
-                continue
-            on_path = {root}
-            stack = [(root, iter(root_deps))]
-            while stack:
-                key, deps = stack[-1]
-                for dep in deps:
-                    if dep in on_path:
-                        raise GraphError(f"the graph has a cycle through {dep!r}")
-                    if dep in new and dep not in done:
-                        on_path.add(dep)
-                        stack.append((dep, iter(new[dep])))
-                        break
-                else:
-                    stack.pop()
-                    on_path.discard(key)
-                    done.add(key)
 
     def _h_task_finished(self, msg: TaskFinishedMsg) -> None:
         ws = self.workers.get(msg.worker)
@@ -671,3 +757,5 @@ class SchedulerState(FoldedState):
             if keys:
                 append(FreeKeysMsg(worker=address, keys=keys, stimulus_id=self._stim))
         self._push(Restarted(seq=self.seq + 1, time=self._now, stimulus_id=self._stim))
+        self._queue.clear()
+        self._queued.clear()
