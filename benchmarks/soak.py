@@ -13,11 +13,12 @@ Every ``--interval`` seconds the resident set size (RSS) of the scheduler (and o
 its children: the RabbitMQ sink's publisher process), of the nanny process and of
 each worker process is sampled (psutil if installed, else
 ``/proc/PID/status``) into ``rss.csv`` (``elapsed_s,role,pid,rss_mb``), next to
-``progress.csv`` (``elapsed_s,waves,tasks``). At the end a summary compares, per
-process, the RSS just after the warm-up (the median of the samples in the first
-10% of the time after the first ``--warmup`` fraction, 20% by default) with the
-RSS at the end (the median of the samples in the last 10% of the time), gives the
-growth per minute (least-squares slope over every sample after the warm-up) and
+``progress.csv`` (``elapsed_s,waves,tasks``) and ``sinks.csv`` (each sink's backlog
+on the scheduler's bus, and whether the bus pushed back on the scheduler). At the
+end a summary compares, per process, the RSS just after the warm-up (the median of
+the samples in the first 10% of the time after the first ``--warmup`` fraction, 20%
+by default) with the RSS at the end (the median of the samples in the last 10% of
+the time), gives the growth per minute (least-squares slope over every sample after the warm-up) and
 says ``no growth`` when end - warm-up is within the tolerance: ``--tolerance-mb``
 (default 10 MB) or ``--tolerance-pct`` (default 5%) of the warm-up RSS, whichever
 is larger. The exit code is 1 if any process grew beyond it. Options for the
@@ -463,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
             sampler = Sampler(cluster, out, args.interval, progress)
             sampler.start()
             end = sampler.start_time + duration
+            lags = LagLog(out / "sinks.csv", sampler.start_time)
             while time.monotonic() < end:
                 progress["tasks"] += run_wave(client, progress["waves"], args.leaves)
                 progress["waves"] += 1
+                lags.maybe_sample(client, args.interval)
+            lags.close()
             tasks_left = client.run_on_scheduler(_n_tasks)
             time.sleep(min(args.interval, 5))  # one more sample after the last wave
     except Exception as exc:
@@ -531,6 +535,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {failure}")
         return 2
     return 0 if all(r["verdict"] == "no growth" for r in report) else 1
+
+
+class LagLog:
+    """Every ``interval`` seconds (between waves), each sink's queue on the scheduler's
+    bus into ``sinks.csv`` (``elapsed_s,sink,lag,dropped,under_pressure``): where a
+    backlog, and so the memory it takes, builds up."""
+
+    def __init__(self, path: Path, start: float) -> None:
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.out = csv.writer(self.file)
+        self.out.writerow(["elapsed_s", "sink", "lag", "dropped", "under_pressure"])
+        self.start = start
+        self.last = 0.0
+
+    def maybe_sample(self, client: Client, interval: float) -> None:
+        now = time.monotonic()
+        if now - self.last < interval:
+            return
+        self.last = now
+        stats, pressure = client.run_on_scheduler(_bus_stats)
+        for name, s in sorted(stats.items()):
+            if s.get("lag") is not None:
+                self.out.writerow(
+                    [round(now - self.start, 1), name, s["lag"], s["dropped"], int(pressure)]
+                )
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _bus_stats(dask_scheduler: Any) -> tuple[dict[str, Any], bool]:
+    bus = dask_scheduler.bus
+    return bus.stats(), bool(bus.under_pressure)
 
 
 def _n_tasks(dask_scheduler: Any) -> int:

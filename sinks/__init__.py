@@ -35,6 +35,9 @@ class Sink(abc.ABC):
 
     - ``name``: the subscription name (default: the class name, lower-cased).
     - ``kinds``: the event kinds this sink wants (``None``: all).
+    - ``maxsize`` / ``overflow``: the bus queue's size and what happens past it
+      (``"block"``, ``"drop"``, ``"spill"``; default: the bus's, 100,000 and
+      ``"block"``); ``bus.subscribe`` arguments override them.
 
     ``bus`` is set by the bus that runs the sink before ``start()`` is called,
     so a sink can read ``bus.run_id`` and ``bus.address``.
@@ -42,6 +45,8 @@ class Sink(abc.ABC):
 
     name: ClassVar[str | None] = None
     kinds: ClassVar[frozenset[str] | None] = None
+    maxsize: ClassVar[int | None] = None
+    overflow: ClassVar[str | None] = None
     bus: EventBus | None = None
 
     def start(self) -> Any:

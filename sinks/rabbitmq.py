@@ -102,6 +102,12 @@ class RabbitMQ(Sink):
     """
 
     name = "rabbitmq"
+    # A broker that falls behind must cost disk, never the scheduler: past this many
+    # events waiting for the sink, the bus writes the rest to a file and feeds them
+    # back in order ("spill"), instead of pushing back on the scheduler ("block").
+    # The sink's own memory and spool come after that.
+    maxsize = 20_000
+    overflow = "spill"
 
     def __init__(
         self,

@@ -268,6 +268,29 @@ async def test_spill_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
     assert bus.stats()["slow"]["dropped"] == 0
 
 
+async def test_a_sink_chooses_its_queue_size_and_overflow(tmp_path: Path) -> None:
+    """``maxsize`` / ``overflow`` attributes of the sink stand when subscribe gives none."""
+
+    class SpillingSink(GatedSink):
+        maxsize = 50
+        overflow = "spill"
+
+    sink = SpillingSink()
+    async with EventBus(spill_dir=str(tmp_path)) as bus:
+        sub = bus.subscribe(sink, name="spilling")
+        assert (sub.maxsize, sub.overflow) == (50, "spill")
+        await hold_first_batch(bus, sink)
+        for i in range(2, 502):
+            bus.publish(tt(i))
+        assert not bus.under_pressure and os.listdir(tmp_path)
+        sink.gate.set()
+        await bus.drain()
+        # The arguments win over the attributes.
+        other = bus.subscribe(SpillingSink(), name="blocking", maxsize=7, overflow="block")
+        assert (other.maxsize, other.overflow) == (7, "block")
+    assert seqs(sink.events) == list(range(1, 502))
+
+
 async def test_block_applies_back_pressure_until_the_sink_catches_up() -> None:
     sink = GatedSink()
     async with EventBus() as bus:

@@ -418,6 +418,21 @@ def test_queue_arguments_reach_the_broker(tmp_path: Path, shared_queue: str, pro
         connection.close()
 
 
+@pytest.mark.anyio
+async def test_the_bus_spills_for_a_lagging_sink_instead_of_pushing_back(tmp_path: Path) -> None:
+    """Past 20,000 events waiting for the sink, the bus writes them to a file: a slow
+    broker costs disk, never the scheduler's reading of new work."""
+    from sluice.bus import EventBus
+
+    sink = RabbitMQ(f"amqp://guest:guest@127.0.0.1:{free_port()}/", spool=tmp_path / "spool")
+    try:
+        async with EventBus() as bus:
+            sub = bus.subscribe(sink)
+            assert (sub.maxsize, sub.overflow) == (20_000, "spill")
+    finally:
+        sink.close()
+
+
 def test_routing_key_templates() -> None:
     t = TaskTransition(seq=3, key=("x", 1), start="processing", finish="memory")
     w = WorkerAdded(seq=4, worker="tcp://127.0.0.1:1")

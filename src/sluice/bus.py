@@ -411,8 +411,8 @@ class EventBus:
         name: str | None = None,
         kinds: Iterable[str] | None = None,
         mode: Mode | None = None,
-        maxsize: int = 100_000,
-        overflow: Overflow = "block",
+        maxsize: int | None = None,
+        overflow: Overflow | None = None,
         max_batch: int | None = None,
         since: int | None = None,
     ) -> Subscription:
@@ -421,6 +421,8 @@ class EventBus:
         A plain callable is inline by default (``fn(event)`` on the publisher);
         an object with ``write(batch)`` is queued. ``kinds`` limits the event
         kinds delivered (default: the consumer's ``kinds`` attribute, else all).
+        ``maxsize`` (default 100,000) and ``overflow`` (default ``"block"``) of a
+        queued consumer default to its attributes of those names, if it has them.
         ``since=SEQ`` first delivers the events after ``SEQ`` from the history
         ring (or the ``catch_up`` source), then continues live: no gap, no
         duplicate. ``max_batch``: the most events one ``write`` gets (default:
@@ -430,6 +432,12 @@ class EventBus:
         """
         if self._closed:
             raise BusClosedError("bus closed; cannot subscribe")
+        # A sink may say what suits it (``maxsize`` / ``overflow`` attributes, as
+        # ``kinds``); the arguments win.
+        if maxsize is None:
+            maxsize = getattr(consumer, "maxsize", None) or 100_000
+        if overflow is None:
+            overflow = getattr(consumer, "overflow", None) or "block"
         if mode is None:
             mode = "queued" if hasattr(consumer, "write") else "inline"
         if mode not in ("inline", "queued"):
