@@ -784,6 +784,29 @@ async def test_batched_send_aclose_flushes_pending(echo_listener: Listener) -> N
         assert got == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
+async def test_batched_send_no_interval_after_a_lone_message(echo_listener: Listener) -> None:
+    """Sparse traffic (one result a client waits on, then the next) is not held back by
+    the interval; only a frame of a burst (more than a few messages) is followed by it."""
+    async with await connect(echo_listener.address) as comm:
+        batched = BatchedSend(comm, interval=30)
+        with anyio.fail_after(5):  # far less than the 30 s interval
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batched.run)
+                batched.send({"i": 0})
+                assert await comm.recv() == [{"i": 0}]
+                batched.send({"i": 1})
+                assert await comm.recv() == [{"i": 1}]
+                burst = [{"i": i} for i in range(2, 22)]
+                batched.send(*burst)
+                assert await comm.recv() == burst
+                batched.send({"i": 22})  # waits out the interval: only aclose ends it
+                with anyio.move_on_after(0.2) as waited:
+                    await comm.recv()
+                assert waited.cancelled_caught
+                await batched.aclose()
+            assert await comm.recv() == [{"i": 22}]
+
+
 async def test_send_later_rides_with_the_next_send(echo_listener: Listener) -> None:
     async with await connect(echo_listener.address) as comm:
         batched = BatchedSend(comm, interval=0, later=30)  # only send() or aclose() cut it

@@ -14,14 +14,18 @@ __all__ = ["BatchedSend"]
 
 logger = logging.getLogger("sluice.comm")
 
+#: A frame of at most this many messages is no burst: no ``interval`` wait after it.
+_ALONE = 8
+
 
 class BatchedSend:
     """Coalesces messages sent on a hot path into few frames.
 
     :meth:`send` only appends to a buffer, so callers in tight synchronous loops (task
     transitions) neither block nor pay for a write each.  :meth:`run` writes everything
-    pending as one frame, then waits ``interval`` seconds so that a burst arriving
-    meanwhile goes out together in the next frame.  Order is preserved.
+    pending as one frame, then, if that frame held more than eight messages (a burst),
+    waits ``interval`` seconds so that the rest of the burst goes out together in
+    the next frame.  Order is preserved.
 
     :meth:`send_later` is for messages nobody waits on (a worker's forwarded events):
     they share the buffer, and so the order, but do not start a frame of their own
@@ -95,9 +99,12 @@ class BatchedSend:
                     with anyio.move_on_after(self.later):
                         await self._hurry.wait()
                     self._hurry = None
-                await self._flush()
-                if not self._closing:
-                    # Let a burst accumulate; aclose() cuts the wait short.
+                sent = await self._flush()
+                if sent > _ALONE and not self._closing:
+                    # A burst is under way: let it accumulate; aclose() cuts the
+                    # wait short. After a frame of a few messages there is
+                    # no burst to wait for, and the next message (a result a
+                    # client waits on) goes out at once.
                     with anyio.move_on_after(self.interval):
                         await self._close_requested.wait()
         except CommClosedError:
@@ -107,12 +114,13 @@ class BatchedSend:
             self._running = False
             self._stopped.set()
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> int:
         batch, self._buffer = self._buffer, []
         self._urgent = False
         await self.comm.send(*batch)
         self.frames_sent += 1
         self.messages_sent += len(batch)
+        return len(batch)
 
     async def aclose(self) -> None:
         """Flush what is pending and stop :meth:`run` (idempotent)."""
