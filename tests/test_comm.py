@@ -784,11 +784,13 @@ async def test_batched_send_aclose_flushes_pending(echo_listener: Listener) -> N
         assert got == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
-async def test_batched_send_no_interval_after_a_lone_message(echo_listener: Listener) -> None:
+async def test_batched_send_no_interval_after_a_quiet_spell(echo_listener: Listener) -> None:
     """Sparse traffic (one result a client waits on, then the next) is not held back by
-    the interval; only a frame of a burst (more than a few messages) is followed by it."""
+    the interval; a frame that follows another closely (a burst) is."""
     async with await connect(echo_listener.address) as comm:
-        batched = BatchedSend(comm, interval=30)
+        # quiet=0: every frame started after a previous one's end counts as sparse,
+        # except one whose first message was queued before that end.
+        batched = BatchedSend(comm, interval=30, quiet=0)
         with anyio.fail_after(5):  # far less than the 30 s interval
             async with anyio.create_task_group() as tg:
                 tg.start_soon(batched.run)
@@ -796,15 +798,21 @@ async def test_batched_send_no_interval_after_a_lone_message(echo_listener: List
                 assert await comm.recv() == [{"i": 0}]
                 batched.send({"i": 1})
                 assert await comm.recv() == [{"i": 1}]
-                burst = [{"i": i} for i in range(2, 22)]
-                batched.send(*burst)
-                assert await comm.recv() == burst
-                batched.send({"i": 22})  # waits out the interval: only aclose ends it
+                await batched.aclose()
+        burst = BatchedSend(comm, interval=30, quiet=3600)  # every frame is a burst
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(burst.run)
+                burst.send({"i": 2})  # the first frame ever follows a quiet spell
+                assert await comm.recv() == [{"i": 2}]
+                burst.send({"i": 3})  # goes out at once, then the interval starts
+                assert await comm.recv() == [{"i": 3}]
+                burst.send({"i": 4})  # waits out the interval: only aclose ends it
                 with anyio.move_on_after(0.2) as waited:
                     await comm.recv()
                 assert waited.cancelled_caught
-                await batched.aclose()
-            assert await comm.recv() == [{"i": 22}]
+                await burst.aclose()
+            assert await comm.recv() == [{"i": 4}]
 
 
 async def test_send_later_rides_with_the_next_send(echo_listener: Listener) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -14,18 +15,17 @@ __all__ = ["BatchedSend"]
 
 logger = logging.getLogger("sluice.comm")
 
-#: A frame of at most this many messages is no burst: no ``interval`` wait after it.
-_ALONE = 8
-
 
 class BatchedSend:
     """Coalesces messages sent on a hot path into few frames.
 
     :meth:`send` only appends to a buffer, so callers in tight synchronous loops (task
     transitions) neither block nor pay for a write each.  :meth:`run` writes everything
-    pending as one frame, then, if that frame held more than eight messages (a burst),
-    waits ``interval`` seconds so that the rest of the burst goes out together in
-    the next frame.  Order is preserved.
+    pending as one frame, then waits ``interval`` seconds so that a burst arriving
+    meanwhile goes out together in the next frame; except when the frame's first
+    :meth:`send` came ``quiet`` seconds or more after the previous frame (sparse
+    traffic, such as one result a client waits on, then the next): no burst to
+    gather, so the next message is not held back.  Order is preserved.
 
     :meth:`send_later` is for messages nobody waits on (a worker's forwarded events):
     they share the buffer, and so the order, but do not start a frame of their own
@@ -36,10 +36,20 @@ class BatchedSend:
     Closing the BatchedSend does not close the comm: the comm's owner does that.
     """
 
-    def __init__(self, comm: Comm, *, interval: float = 0.002, later: float = 0.02) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        *,
+        interval: float = 0.002,
+        later: float = 0.02,
+        quiet: float = 0.001,
+    ) -> None:
         self.comm = comm
         self.interval = interval
         self.later = later
+        self.quiet = quiet
+        self._last_flush = -float("inf")  # time.monotonic() after the last frame
+        self._urgent_since = 0.0  # when the first send() since that frame came
         self._buffer: list[dict[str, Any]] = []
         self._urgent = False  # the buffer holds a message sent with send()
         self._wake: anyio.Event | None = None  # created in run(), inside the event loop
@@ -60,7 +70,9 @@ class BatchedSend:
         if self._closing or self.comm.closed:
             raise CommClosedError(f"batched send to {self.comm.peer} is closed")
         self._buffer.extend(msgs)
-        self._urgent = True
+        if not self._urgent:
+            self._urgent_since = time.monotonic()
+            self._urgent = True
         if self._wake is not None:
             self._wake.set()
         if self._hurry is not None:
@@ -99,12 +111,14 @@ class BatchedSend:
                     with anyio.move_on_after(self.later):
                         await self._hurry.wait()
                     self._hurry = None
-                sent = await self._flush()
-                if sent > _ALONE and not self._closing:
-                    # A burst is under way: let it accumulate; aclose() cuts the
-                    # wait short. After a frame of a few messages there is
-                    # no burst to wait for, and the next message (a result a
-                    # client waits on) goes out at once.
+                # The first urgent message of this frame came after a quiet spell.
+                quiet = self._urgent and self._urgent_since - self._last_flush >= self.quiet
+                await self._flush()
+                self._last_flush = time.monotonic()
+                if not quiet and not self._closing:
+                    # A burst is under way: let the rest of it accumulate (aclose()
+                    # cuts the wait short). A message after a quiet spell (a result
+                    # a client waits on) went out at once and holds nothing back.
                     with anyio.move_on_after(self.interval):
                         await self._close_requested.wait()
         except CommClosedError:
@@ -114,13 +128,12 @@ class BatchedSend:
             self._running = False
             self._stopped.set()
 
-    async def _flush(self) -> int:
+    async def _flush(self) -> None:
         batch, self._buffer = self._buffer, []
         self._urgent = False
         await self.comm.send(*batch)
         self.frames_sent += 1
         self.messages_sent += len(batch)
-        return len(batch)
 
     async def aclose(self) -> None:
         """Flush what is pending and stop :meth:`run` (idempotent)."""
