@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
             "sinks": [],
             # Tasks per worker thread before root tasks wait on the scheduler
             # (SchedulerState's worker_saturation); .inf sends everything at once.
-            "worker-saturation": 64.0,
+            "worker-saturation": 1024.0,
         },
         "worker": {
             "preload": [],

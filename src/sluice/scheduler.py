@@ -95,7 +95,7 @@ class Scheduler(SchedulerServing):
     ``async with Scheduler(port=0) as s:`` runs it; ``s.address`` is where
     workers and clients connect. A non-loopback ``host`` needs TLS or an auth
     token in ``security``, or ``insecure=True``. ``worker_saturation`` (default:
-    config ``sluice.scheduler.worker-saturation``, 64): tasks per worker thread
+    config ``sluice.scheduler.worker-saturation``, 1024): tasks per worker thread
     before ready root tasks wait in the scheduler's queue; ``math.inf`` sends
     every ready task at once.
     """

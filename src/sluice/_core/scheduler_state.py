@@ -108,10 +108,12 @@ _uid = operator.attrgetter("uid")
 
 #: Default ``worker_saturation``: root tasks a worker may hold per thread. Large
 #: enough that a worker never idles between two batches of tiny tasks while its
-#: results travel to the scheduler and new work comes back (a round trip of a few
-#: milliseconds at thousands of tasks a second), small enough that a graph of
-#: millions of roots stays on the scheduler, not in messages and worker queues.
-DEFAULT_SATURATION = 64.0
+#: results travel to the scheduler and new work comes back, even when the
+#: scheduler's loop is slowed by busy sinks (64 cost ~15% of throughput with every
+#: built-in sink on); small enough that a graph of a million roots stays on the
+#: scheduler, not in messages and worker queues. Long tasks on a cluster that
+#: grows want a small value (Dask's is 1.1): a worker holds no more than this.
+DEFAULT_SATURATION = 1024.0
 
 
 class SchedulerState(FoldedState):
