@@ -341,60 +341,41 @@ class SchedulerState(FoldedState):
         downstream (a tree reduction adds 2i and 2i+1), and then their results
         are already on the same worker.
         """
-        workers = self.workers
         deps = ts.dependencies
-        if not deps and self.worker_saturation != math.inf:
+        if not deps:
             self._assign_root(ts)
             return
+        workers = self.workers
         if not workers:
             self._move(ts, NO_WORKER)
             return
         best: WorkerRecord | None = None
-        if deps:
-            idlest = min(len(ws.processing) / (ws.nthreads or 1) for ws in workers.values())
-            busy = 1.5 * idlest + 1
-            best_rank: tuple[int, float, str] = (0, 0.0, "")
-            for ws in workers.values():
-                load = len(ws.processing) / (ws.nthreads or 1)
-                held = 0
-                if load <= busy:
-                    for dep in deps:
-                        if ws in dep.who_has:
-                            held -= 1
-                rank = (held, load, ws.address)
-                if best is None or rank < best_rank:
-                    best = ws
-                    best_rank = rank
-        else:
-            # The hot path (independent tasks): no tuples, no dependency counting.
-            best_load = 0.0
-            for ws in workers.values():
-                load = len(ws.processing) / (ws.nthreads or 1)
-                if (
-                    best is None
-                    or load < best_load
-                    or (load == best_load and ws.address < best.address)
-                ):
-                    best = ws
-                    best_load = load
-            last = self._root_worker
-            if (
-                self._root_run > 1
-                and last is not None
-                and last.address in workers
-                and len(last.processing) / (last.nthreads or 1) < best_load + self._root_run
-            ):
-                best = last
-            self._root_worker = best
+        idlest = min(len(ws.processing) / (ws.nthreads or 1) for ws in workers.values())
+        busy = 1.5 * idlest + 1
+        best_rank: tuple[int, float, str] = (0, 0.0, "")
+        for ws in workers.values():
+            load = len(ws.processing) / (ws.nthreads or 1)
+            held = 0
+            if load <= busy:
+                for dep in deps:
+                    if ws in dep.who_has:
+                        held -= 1
+            rank = (held, load, ws.address)
+            if best is None or rank < best_rank:
+                best = ws
+                best_rank = rank
         assert best is not None
         self._send(ts, best)
 
-    def _room(self, ws: WorkerRecord) -> int:
+    def _room(self, ws: WorkerRecord) -> float:
         """How many more tasks ``ws`` may be given before root tasks wait for it."""
+        if self.worker_saturation == math.inf:
+            return math.inf
         return max(1, math.ceil((ws.nthreads or 1) * self.worker_saturation)) - len(ws.processing)
 
     def _assign_root(self, ts: SchedulerTask) -> None:
-        """Send a ready root task to the least loaded worker with room, else queue it.
+        """Send a ready root task to the least loaded worker with room, else queue it
+        (with no worker at all and no queue, it is no-worker).
 
         Within one command that starts many roots, they are dealt out in
         contiguous runs (see :meth:`_assign`) as long as the worker has room.
@@ -413,7 +394,10 @@ class SchedulerState(FoldedState):
                 best = ws
                 best_load = load
         if best is None:
-            self._enqueue(ts)
+            if self.worker_saturation == math.inf:
+                self._move(ts, NO_WORKER)
+            else:
+                self._enqueue(ts)
             return
         last = self._root_worker
         if (
