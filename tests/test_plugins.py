@@ -259,6 +259,45 @@ async def test_nanny_plugin_restarts_workers() -> None:
         os.environ.pop("SLUICE_TEST_PLUGIN_ENV", None)
 
 
+class PlainNannySetup:
+    """A duck-typed plugin (no sluice base class), as Dask's register_worker_plugin took."""
+
+    def setup(self, nanny: Any) -> None:
+        nanny.plain_setup_ran = True
+
+
+class NannyTag(NannyPlugin):
+    def setup(self, nanny: Any) -> None:
+        nanny.tagged = True
+
+
+@pytest.mark.anyio
+async def test_deprecated_alias_routes_by_its_nanny_flag() -> None:
+    with anyio.fail_after(60):
+        async with (
+            LocalCluster(n_workers=1, processes=True, asynchronous=True) as lc,
+            Client(lc, asynchronous=True) as c,
+        ):
+            (nanny,) = lc.workers
+            with pytest.warns(DeprecationWarning):
+                assert await c.register_worker_plugin(PlainNannySetup(), "plain", nanny=True)
+            assert isinstance(nanny.plugins["plain"], PlainNannySetup)
+            assert nanny.plain_setup_ran is True
+            # Not sent to the worker: its own plugins do not have it.
+            on_worker = await c.run(lambda: sorted(get_worker().plugins))
+            assert "plain" not in next(iter(on_worker.values()))
+            with pytest.warns(DeprecationWarning):
+                # nanny=None goes by the class: a NannyPlugin goes to the nannies.
+                assert await c.register_worker_plugin(NannyTag(), "by-class") == "by-class"
+            assert isinstance(nanny.plugins["by-class"], NannyTag)
+            assert nanny.tagged is True
+            with (
+                pytest.warns(DeprecationWarning),
+                pytest.raises(TypeError, match="SchedulerPlugin"),
+            ):
+                c.register_worker_plugin(SchedulerPlugin())
+
+
 def test_sync_client_register_and_unregister() -> None:
     with LocalCluster(n_workers=1, processes=False) as lc, Client(lc) as c:
         assert c.register_plugin(Recorder("sync"), name="s") == "s"

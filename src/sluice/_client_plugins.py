@@ -39,7 +39,15 @@ class ClientPlugins:
         """
         return self._sync(self._register_plugin, plugin, name, idempotent)
 
-    async def _register_plugin(self, plugin: Any, name: str | None, idempotent: bool | None) -> str:
+    async def _register_plugin(
+        self,
+        plugin: Any,
+        name: str | None,
+        idempotent: bool | None,
+        nanny: bool | None = None,
+    ) -> str:
+        """Send ``plugin`` where its type says or, with ``nanny`` given (the deprecated
+        alias), to the nannies (True) or the workers (False) whatever its type."""
         if not name:
             own = getattr(plugin, "name", None)
             name = own if isinstance(own, str) and own else None
@@ -47,7 +55,9 @@ class ClientPlugins:
             name = f"{type(plugin).__name__}-{uuid.uuid4().hex[:8]}"
         if idempotent is None:
             idempotent = bool(getattr(plugin, "idempotent", False))
-        if isinstance(plugin, SchedulerPlugin):
+        if nanny is not None:
+            op, extra = "register-worker-plugin", {"nanny": nanny}
+        elif isinstance(plugin, SchedulerPlugin):
             op, extra = "register-scheduler-plugin", {}
         elif isinstance(plugin, (WorkerPlugin, NannyPlugin)):
             op, extra = "register-worker-plugin", {"nanny": isinstance(plugin, NannyPlugin)}
@@ -60,13 +70,23 @@ class ClientPlugins:
     def register_worker_plugin(
         self, plugin: Any, name: str | None = None, nanny: bool | None = None
     ) -> Any:
-        """Deprecated: use :meth:`register_plugin`."""
+        """Deprecated: use :meth:`register_plugin`.
+
+        As in Dask, ``nanny=True`` sends the plugin to every nanny and ``nanny=False``
+        to every worker, whatever its class (a plain object with ``setup`` and
+        ``teardown`` will do); ``nanny=None`` goes by its class, a
+        :class:`~sluice.plugin.NannyPlugin` to the nannies, anything else to the workers.
+        """
         warnings.warn(
             "register_worker_plugin is deprecated; use register_plugin",
             DeprecationWarning,
             stacklevel=2,
         )
-        return self.register_plugin(plugin, name=name)
+        if isinstance(plugin, SchedulerPlugin):
+            raise TypeError(f"{plugin!r} is a SchedulerPlugin: register it with register_plugin")
+        if nanny is None:
+            nanny = isinstance(plugin, NannyPlugin)
+        return self._sync(self._register_plugin, plugin, name, None, bool(nanny))
 
     def unregister_worker_plugin(self, name: str, nanny: bool = False) -> Any:
         """Tear down and forget the worker (or, with ``nanny=True``, nanny) plugin ``name``."""
