@@ -159,6 +159,48 @@ def test_sinks_get_start_batches_flush_close_and_only_their_kinds() -> None:
     assert seen == [e.seq for e in events]
 
 
+def test_plugins_are_started_and_closed_as_on_a_live_scheduler() -> None:
+    events = live_run(Recorder())
+    calls: list[tuple[Any, ...]] = []
+
+    class Lifecycle(SchedulerPlugin):
+        async def start(self, scheduler: Any) -> None:
+            # Before the first event: the rebuilt scheduler is still empty.
+            calls.append(("start", dict(scheduler.tasks), dict(scheduler.workers)))
+
+        def transition(self, key: Any, start: str, finish: str, *a: Any, **kw: Any) -> None:
+            if not calls or calls[-1][0] != "transition":
+                calls.append(("transition",))
+
+        async def before_close(self) -> None:
+            calls.append(("before_close",))
+
+        def close(self) -> None:  # type: ignore[override]  # a sync hook works too
+            calls.append(("close",))
+
+    class Duck:
+        """No base class: its hooks are called all the same."""
+
+        def start(self, scheduler: Any) -> None:
+            calls.append(("duck-start",))
+
+        def transition(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            calls.append(("duck-close",))
+
+    replay(events, Lifecycle(), Duck())
+    assert calls == [
+        ("start", {}, {}),
+        ("duck-start",),
+        ("transition",),
+        ("before_close",),
+        ("close",),
+        ("duck-close",),
+    ]
+
+
 def test_async_hooks_are_awaited() -> None:
     events = live_run(Recorder())
 

@@ -32,6 +32,7 @@ from sluice.events import (
     WorkerAdded,
     WorkerRemoved,
 )
+from sluice.plugin import SchedulerPlugin
 
 __all__ = ("ReplayedScheduler", "replay")
 
@@ -164,6 +165,14 @@ def _maybe(plugin: Any, hook_name: str, run: Callable[..., Any], *args: Any, **k
         run(hook, *args, **kwargs)
 
 
+def _lifecycle(plugin: Any, hook_name: str, run: Callable[..., Any], *args: Any) -> None:
+    """``start``/``before_close``/``close``, skipped where the plugin kept the base class's
+    no-op (an async one would start an event loop thread for nothing)."""
+    if getattr(type(plugin), hook_name, None) is getattr(SchedulerPlugin, hook_name):
+        return
+    _maybe(plugin, hook_name, run, *args)
+
+
 def replay(
     events: Iterable[Event],
     *consumers: Any,
@@ -176,10 +185,12 @@ def replay(
     A consumer with ``write(batch)`` is a sink: it gets ``start()``, the events
     of the kinds it wants in batches, then ``flush()`` and ``close()``. A plain
     callable gets ``fn(event)`` for every event. Anything else is a
-    SchedulerPlugin: its event hooks (transition, update_graph, add/remove
-    worker and client, restart, log_event) are called with a read-only
-    ``scheduler`` rebuilt from the log (``None`` with ``scheduler_view=False``);
-    ``start`` and ``close`` are not called. Sync and async hooks both work.
+    SchedulerPlugin: as on a live scheduler, ``start(scheduler)`` is called
+    before the first event, then its event hooks (transition, update_graph,
+    add/remove worker and client, restart, log_event) with a read-only
+    ``scheduler`` rebuilt from the log (``None`` with ``scheduler_view=False``),
+    and ``before_close()`` and ``close()`` after the last event, before the
+    sinks get their last batch. Sync and async hooks both work.
 
     With ``scheduler_view=False`` the events are not folded into a state (so
     a partial log, one not starting at seq 1, can drive consumers too) and the
@@ -206,6 +217,8 @@ def replay(
     try:
         for sink in sinks:
             _maybe(sink, "start", run)
+        for plugin in plugins:
+            _lifecycle(plugin, "start", run, view)
         for event in events:
             if scheduler_view:
                 state.apply(event)
@@ -225,6 +238,10 @@ def replay(
                 if len(batch) >= _SINK_BATCH:
                     run(sink.write, batch)
                     batches[id(sink)] = []
+        # As a live scheduler closes: the plugins, then the bus drains into the sinks.
+        for hook in ("before_close", "close"):
+            for plugin in plugins:
+                _lifecycle(plugin, hook, run)
         for sink in sinks:
             if batches[id(sink)]:
                 run(sink.write, batches[id(sink)])
