@@ -38,6 +38,8 @@ class Sink(abc.ABC):
     - ``maxsize`` / ``overflow``: the bus queue's size and what happens past it
       (``"block"``, ``"drop"``, ``"spill"``; default: the bus's, 100,000 and
       ``"block"``); ``bus.subscribe`` arguments override them.
+    - ``linger``: the least seconds between two writes while events keep coming
+      (default: the bus's, 20 ms); 0 writes each batch as soon as it can.
 
     ``bus`` is set by the bus that runs the sink before ``start()`` is called,
     so a sink can read ``bus.run_id`` and ``bus.address``.
@@ -47,6 +49,7 @@ class Sink(abc.ABC):
     kinds: ClassVar[frozenset[str] | None] = None
     maxsize: ClassVar[int | None] = None
     overflow: ClassVar[str | None] = None
+    linger: ClassVar[float | None] = None
     bus: EventBus | None = None
 
     def start(self) -> Any:

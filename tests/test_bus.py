@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -166,7 +167,7 @@ async def test_unsubscribe_finishes_the_queue_then_closes_the_sink() -> None:
 async def test_a_raising_consumer_does_not_affect_the_others(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sluice.bus.time.monotonic", lambda: 100.0)
+    monkeypatch.setattr("sluice.bus._clock", lambda: 100.0)
     good_inline: list[Event] = []
     good_sink = ListSink()
 
@@ -388,3 +389,65 @@ async def test_consumer_failures_are_logged_at_warning(caplog: pytest.LogCapture
         bus.subscribe(bad, name="bad", kinds=["task-transition"])
         bus.publish(tt(1))
     assert [r.levelno for r in caplog.records if r.name == "sluice.bus"] == [logging.WARNING]
+
+
+class TimedSink(Sink):
+    """A sync sink that notes when each write began and signals each one."""
+
+    def __init__(self, linger: float) -> None:
+        vars(self)["linger"] = linger
+        self.starts: list[float] = []
+        self.sizes: list[int] = []
+        self.written = threading.Event()
+
+    def write(self, batch: Sequence[Event]) -> None:
+        self.starts.append(time.monotonic())  # the event loop's clock
+        self.sizes.append(len(batch))
+        self.written.set()
+
+
+async def test_a_busy_sink_writes_at_most_once_per_linger() -> None:
+    sink = TimedSink(linger=0.05)
+    async with EventBus() as bus:
+        bus.subscribe(sink)
+        seq = 0
+        with anyio.fail_after(10):
+            for _ in range(300):  # a steady stream for about 0.3 s or more
+                seq += 1
+                bus.publish(tt(seq))
+                await anyio.sleep(0.001)
+            await bus.drain()
+    assert sum(sink.sizes) == seq
+    gaps = [b - a for a, b in zip(sink.starts, sink.starts[1:], strict=False)]
+    # Without the linger, each event or two would have had a write of its own.
+    assert len(sink.sizes) <= 2 + (sink.starts[-1] - sink.starts[0]) / 0.05
+    assert gaps and min(gaps[:-1], default=0.05) >= 0.05 * 0.95
+
+
+async def test_linger_never_holds_back_an_event_after_a_quiet_spell_nor_a_drain() -> None:
+    sink = TimedSink(linger=60.0)
+    with anyio.fail_after(10):
+        async with EventBus() as bus:
+            bus.subscribe(sink)
+            bus.publish(tt(1))
+            # The first event after a quiet spell is written at once, not 60 s later.
+            assert await anyio.to_thread.run_sync(sink.written.wait, 10)
+            bus.publish(tt(2))
+            await anyio.wait_all_tasks_blocked()  # the drain task is lingering now
+            assert sink.sizes == [1]
+            await bus.drain()  # a drain does not wait out the linger
+            assert sink.sizes == [1, 1]
+            bus.publish(tt(3))
+        # Nor does closing the bus: the block ended well within the timeout.
+    assert sink.sizes == [1, 1, 1]
+
+
+def test_linger_comes_from_the_argument_then_the_sink_then_the_default() -> None:
+    from sluice.bus import DEFAULT_LINGER
+
+    bus = EventBus()
+    assert bus.subscribe(ListSink(), name="a").linger == DEFAULT_LINGER  # type: ignore[attr-defined]
+    assert bus.subscribe(TimedSink(0.5), name="b").linger == 0.5  # type: ignore[attr-defined]
+    assert bus.subscribe(TimedSink(0.5), name="c", linger=0).linger == 0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="linger"):
+        bus.subscribe(ListSink(), name="d", linger=-1)

@@ -16,7 +16,9 @@ subscription routed for its kind. It never awaits and never blocks.
   policy decides: ``"block"`` keeps every event and puts the bus *under
   pressure* (servers stop reading new work until ``wait_for_capacity()``
   returns); ``"drop"`` drops the oldest and counts it; ``"spill"`` writes the
-  excess to a temporary file and feeds it back in order.
+  excess to a temporary file and feeds it back in order. While events keep
+  coming, a drain task writes at most once per ``linger`` (20 ms by default),
+  so a busy sink gets a few large batches, not hundreds of small ones.
 
 A consumer that raises never breaks the publisher or the other consumers: the
 failure is logged with its traceback, counted in :meth:`EventBus.stats`, and
@@ -36,6 +38,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -52,7 +55,7 @@ import attrs
 
 from sluice.events import Event, UserEvent
 
-__all__ = ("BusClosedError", "EventBus", "Subscription")
+__all__ = ("DEFAULT_LINGER", "BusClosedError", "EventBus", "Subscription")
 
 logger = logging.getLogger("sluice.bus")
 
@@ -62,6 +65,10 @@ Consumer = Any  # a callable fn(event), or an object with write(batch)
 
 _FAILURE_REPORT_INTERVAL = 1.0  # seconds between consumer-failed events per consumer
 _SPILL_CHUNK = 1000  # events per pickled chunk in a spill file
+# For the consumer-failed rate limit; tests freeze it without freezing the event loop.
+_clock = time.monotonic
+#: Seconds a busy queued consumer waits between writes for its batch to grow.
+DEFAULT_LINGER = 0.02
 
 
 class BusClosedError(RuntimeError):
@@ -157,9 +164,13 @@ class _QueuedSubscription(Subscription):
         maxsize: int,
         overflow: Overflow,
         max_batch: int,
+        linger: float = 0.0,
     ) -> None:
         super().__init__(bus, consumer, name, kinds)
         self.maxsize = maxsize
+        self.linger = linger
+        self._last_write = -math.inf
+        self._hurry = anyio.Event()  # set by drain() and close(): stop lingering
         self.low_water = maxsize // 2
         self.overflow = overflow
         self.max_batch = max_batch
@@ -243,12 +254,15 @@ class _QueuedSubscription(Subscription):
                         break
                     self._idle = True
                     self._idle_event.set()
+                    self._hurry = anyio.Event()
                     await self._wakeup.wait()
                     self._wakeup = anyio.Event()
                     continue
+                await self._linger()
                 batch = self._take_batch()
                 if not batch:
                     continue
+                self._last_write = anyio.current_time()
                 if await self._guarded("write", batch):
                     self.delivered += len(batch)
             await self._guarded("flush")
@@ -259,6 +273,24 @@ class _QueuedSubscription(Subscription):
             self.bus._pressure_off(self)
             self._idle_event.set()
             self._closed.set()
+
+    async def _linger(self) -> None:
+        """Let a small batch grow until ``linger`` seconds after the previous write.
+
+        Each write of a sync sink is a hop to its thread and back, which costs the
+        event loop more than the sink's work on a few events; under load, waiting
+        a little turns hundreds of small writes a second into tens of large ones.
+        Events that come after a quiet spell are not held back, and nothing
+        waits while the bus is draining or closing, spilling, or has a full batch.
+        """
+        if not self.linger or self._closing or self._spill is not None:
+            return
+        if len(self._queue) >= self.max_batch or self._hurry.is_set():
+            return
+        wait = self._last_write + self.linger - anyio.current_time()
+        if wait > 0:
+            with anyio.move_on_after(wait):
+                await self._hurry.wait()
 
     async def _guarded(self, method: str, *args: Any) -> bool:
         try:
@@ -273,6 +305,7 @@ class _QueuedSubscription(Subscription):
     def close(self) -> None:
         """Finish what is queued, then flush and close the sink."""
         self._closing = True
+        self._hurry.set()
         if self._idle:
             self._idle = False
             self._idle_event = anyio.Event()
@@ -280,6 +313,7 @@ class _QueuedSubscription(Subscription):
 
     async def wait_idle(self) -> None:
         """Return once everything queued so far has been written."""
+        self._hurry.set()
         while (self.lag or not self._idle) and not self._closed.is_set():
             await self._idle_event.wait()
 
@@ -415,6 +449,7 @@ class EventBus:
         overflow: Overflow | None = None,
         max_batch: int | None = None,
         since: int | None = None,
+        linger: float | None = None,
     ) -> Subscription:
         """Add a consumer; returns its :class:`Subscription`.
 
@@ -429,6 +464,11 @@ class EventBus:
         all that are queued, up to ``maxsize``), so that a sink that pays a fixed
         cost per call (a round trip, a sleep) takes bigger batches as it falls
         behind and catches up instead of pushing back on the publisher.
+        ``linger``: the least time between two writes while events keep coming
+        (default: the consumer's ``linger`` attribute, else ``DEFAULT_LINGER``,
+        20 ms; 0 writes each batch as soon as it can), so that a busy sink gets
+        a few large batches rather than many small ones. An event after a quiet
+        spell of ``linger`` or more is written at once.
         """
         if self._closed:
             raise BusClosedError("bus closed; cannot subscribe")
@@ -438,6 +478,12 @@ class EventBus:
             maxsize = getattr(consumer, "maxsize", None) or 100_000
         if overflow is None:
             overflow = getattr(consumer, "overflow", None) or "block"
+        if linger is None:
+            linger = getattr(consumer, "linger", None)
+            if linger is None:
+                linger = DEFAULT_LINGER
+        if not linger >= 0:
+            raise ValueError(f"linger must be a number of seconds >= 0, not {linger!r}")
         if mode is None:
             mode = "queued" if hasattr(consumer, "write") else "inline"
         if mode not in ("inline", "queued"):
@@ -473,6 +519,7 @@ class EventBus:
                 maxsize=maxsize,
                 overflow=overflow,
                 max_batch=max_batch,
+                linger=float(linger),
             )
             if hasattr(consumer, "bus"):
                 consumer.bus = self
@@ -556,7 +603,7 @@ class EventBus:
     def _consumer_failed(self, sub: Subscription, exc: BaseException) -> None:
         # Logged and reported at most once a second per consumer: a sink that fails
         # on every batch would otherwise cost the publisher a traceback per batch.
-        now = time.monotonic()
+        now = _clock()
         if now - sub._last_report < _FAILURE_REPORT_INTERVAL:
             sub._unreported += 1
             return
