@@ -56,11 +56,20 @@ def _iso_second(second: int) -> str:
 def _iso(seconds: float) -> str:
     """``seconds`` as UTC ISO 8601 with microseconds; the date part is computed once per
     second (a busy scheduler logs thousands of events in each)."""
+    return _iso_bytes(seconds).decode()
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second_bytes(second: int) -> bytes:
+    return _iso_second(second).encode()
+
+
+def _iso_bytes(seconds: float) -> bytes:
     whole = int(seconds)
     micros = round((seconds - whole) * 1_000_000)
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    return f"{_iso_second(whole)}.{micros:06d}Z"
+    return b"%s.%06dZ" % (_iso_second_bytes(whole), micros)
 
 
 def _dumps(event_dict: dict[str, Any], **_: Any) -> bytes:
@@ -98,11 +107,10 @@ class JsonLog(Sink):
             structlog.processors.add_log_level,
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
-        logger_json = orjson.dumps(logger)
-        self._heads = {
-            level: b'","level":"%s","logger":%s,"event":"' % (level.encode(), logger_json)
-            for level in ("info", "error")
-        }
+        self._logger_json = orjson.dumps(logger)
+        # Per (kind, level): what goes between the timestamp and the seq's digits,
+        # and the start of the event's own JSON, {"kind":K,"seq":, to check it against.
+        self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"JsonLog({self.target!r})"
@@ -133,22 +141,37 @@ class JsonLog(Sink):
         """The JSON line (with its newline) this sink writes for ``event``."""
         level = "error" if getattr(event, "finish", None) in _FAILED else "info"
         if not self.processors:
-            # {"kind":K,"seq":N,"time":T,"source":...}: keep from "source" on, put
-            # the envelope and "event":K,"seq":N in front. T is a number (no comma).
+            # {"kind":K,"seq":N,"time":T,"source":...}: keep N and, from "source" on,
+            # the rest; put the envelope and "event":K in front. N and T are numbers.
             data = event_json(event)
-            kind = event.kind.encode()
-            seq = str(event.seq).encode()
-            start = b'{"kind":"%s","seq":%s,"time":' % (kind, seq)
-            cut = data.find(b",", len(start))
-            if data.startswith(start) and data.startswith(b',"source":', cut):
-                return b'{"timestamp":"%s%s%s","seq":%s%s\n' % (
-                    _iso(event.time).encode(),
-                    self._heads[level],
-                    kind,
-                    seq,
-                    data[cut:],
-                )
+            heads = self._heads.get((event.kind, level))
+            if heads is None:
+                heads = self._heads[event.kind, level] = self._make_heads(event.kind, level)
+            head, start = heads
+            if data.startswith(start):
+                digits_end = data.find(b',"time":', len(start))
+                cut = data.find(b",", digits_end + 8)
+                if digits_end > 0 and data.startswith(b',"source":', cut):
+                    return b"".join(
+                        (
+                            b'{"timestamp":"',
+                            _iso_bytes(event.time),
+                            head,
+                            data[len(start) : digits_end],
+                            data[cut:],
+                            b"\n",
+                        )
+                    )
         return self._render_with_structlog(event, level)
+
+    def _make_heads(self, kind: str, level: str) -> tuple[bytes, bytes]:
+        kind_json = orjson.dumps(kind)
+        head = b'","level":"%s","logger":%s,"event":%s,"seq":' % (
+            level.encode(),
+            self._logger_json,
+            kind_json,
+        )
+        return head, b'{"kind":%s,"seq":' % kind_json
 
     def _render_with_structlog(self, event: Event, level: str) -> bytes:
         fields = event.to_dict()
