@@ -30,7 +30,9 @@ Run: ``.venv/bin/python benchmarks/sinks.py [--quick] [--repeats N] [--amqp URL]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -63,12 +65,55 @@ def run_flat(client: Any, n: int) -> float:
     return n / elapsed
 
 
-def measure(client: Any, n: int, repeats: int) -> float:
+def measure(client: Any, n: int, repeats: int, accounts: dict[str, float] | None = None) -> float:
+    """Median tasks/s; with ``accounts``, fill it with the CPU seconds each kind of
+    process spent over the timed runs, and their wall time (``"wall"``)."""
     run_flat(client, max(n // 10, 10))  # warm-up: imports, connections, first pickles
-    return statistics.median(run_flat(client, n) for _ in range(repeats))
+    before = cpu_by_role()
+    start = time.perf_counter()
+    rates = [run_flat(client, n) for _ in range(repeats)]
+    if accounts is not None:
+        accounts["wall"] = time.perf_counter() - start
+        after = cpu_by_role()
+        accounts.update({role: after[role] - before.get(role, 0.0) for role in after})
+    return statistics.median(rates)
 
 
-def bench_sluice(n: int, repeats: int, parts: tuple[str, ...], amqp: str, queue: str) -> Any:
+ROLES = ("scheduler + client", "workers", "RabbitMQ publisher child", "RabbitMQ broker")
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (scheduler and client), its
+    worker processes, the RabbitMQ sink's publisher child and the local broker."""
+    import psutil
+
+    totals = dict.fromkeys(ROLES, 0.0)
+
+    def add(role: str, proc: Any) -> None:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            totals[role] += times.user + times.system
+
+    me = psutil.Process()
+    add("scheduler + client", me)
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            publisher = "sluice._amqp_process" in child.cmdline()
+            add("RabbitMQ publisher child" if publisher else "workers", child)
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "beam.smp":
+            add("RabbitMQ broker", proc)
+    return totals
+
+
+def bench_sluice(
+    n: int,
+    repeats: int,
+    parts: tuple[str, ...],
+    amqp: str,
+    queue: str,
+    accounts: dict[str, float] | None = None,
+) -> Any:
     """tasks/s with the sinks named in ``parts`` (counter, json, eventlog, rabbitmq,
     rabbitmq-thread), and the RabbitMQ sink, to check what it delivered."""
     from sluice._tuning import tune_process
@@ -99,7 +144,7 @@ def bench_sluice(n: int, repeats: int, parts: tuple[str, ...], amqp: str, queue:
         )
         catch_up = 0.0
         with cluster, Client(cluster) as client:
-            rate = measure(client, n, repeats)
+            rate = measure(client, n, repeats, accounts)
             if rabbit is not None:
                 # The sink may lag a busy scheduler (that is its job): how long after
                 # the last result until the broker had confirmed everything.
@@ -153,6 +198,31 @@ def _dask_docs_plugin(host: str, queue: str) -> Any:
     return RabbitMQPlugin()
 
 
+def print_accounts(accounts: dict[str, dict[str, float]], tasks: int) -> None:
+    """Where the CPU went in the timed runs, and how busy that kept the machine."""
+    cores = os.cpu_count() or 1
+    table = Table(title=f"CPU seconds over the timed runs ({tasks:,} tasks), by process")
+    table.add_column("")
+    for label in accounts:
+        table.add_column(label.replace(" (", "\n("), justify="right")
+    table.add_row("wall time", *(f"{a['wall']:.1f}" for a in accounts.values()))
+    for role in ROLES:
+        table.add_row(role, *(f"{a[role]:.1f}" for a in accounts.values()))
+    busy = [sum(a[r] for r in ROLES) / (a["wall"] * cores) for a in accounts.values()]
+    table.add_row(f"busy share of the {cores} cores", *(f"{b:.0%}" for b in busy))
+    console.print(table)
+    labels = list(accounts)
+    base = accounts[labels[0]]
+    budget = base["wall"] / 0.85 * cores
+    for label in labels[1:]:
+        used = sum(accounts[label][r] for r in ROLES)
+        console.print(
+            f"{label}: {used:.1f} s of CPU in all. At 0.85x of the no-sink rate these tasks"
+            f" would have {budget:.1f} s of CPU ({cores} cores x {budget / cores:.1f} s),"
+            f" and the no-sink run alone used {sum(base[r] for r in ROLES):.1f} s of it."
+        )
+
+
 def queue_depth_and_delete(url: str, queue: str) -> int:
     import pika
 
@@ -202,11 +272,15 @@ def main() -> None:
             for part in ("counter", "json", "eventlog", "rabbitmq", "rabbitmq-thread")
         ]
     rates: dict[str, float] = {}
+    accounts: dict[str, dict[str, float]] = {}
     delivered: list[tuple[str, dict[str, int], int, float]] = []
     for i, (label, parts) in enumerate(runs):
         with console.status(f"{label}..."):
             queue = f"sluice-bench-{tag}-{i}"
-            rates[label], rabbit, catch_up = bench_sluice(n, repeats, parts, args.amqp, queue)
+            accounts[label] = {}
+            rates[label], rabbit, catch_up = bench_sluice(
+                n, repeats, parts, args.amqp, queue, accounts[label]
+            )
             if rabbit is not None:
                 depth = queue_depth_and_delete(args.amqp, queue)
                 delivered.append((label, rabbit.stats(), depth, catch_up))
@@ -242,6 +316,7 @@ def main() -> None:
             f">= {runtime:.2f}x",
         )
     console.print(ratios)
+    print_accounts({label: accounts[label] for label, _ in runs[:3]}, n * repeats)
     for label, stats, depth, catch_up in delivered:
         console.print(
             f"{label}: the sink published {stats['published']:,}, confirmed"
