@@ -16,15 +16,18 @@ independent ``inc``, default 10,000; worker event forwarding on):
    which publishes from inside ``transition`` with a BlockingConnection.
 
 Figures are tasks/s from submission to the last result, the median of
-``--repeats`` runs after a warm-up. The table gives the two ratios the sinks
-are held to: (2)/(1), the cost of the sinks (target >= 0.85x), and (2)/(5)
-against the runtime ratio (1)/(4) (sluice with its sinks must be ahead of Dask
-with its plugin by at least as much as without). After the clusters, the
-RabbitMQ sink's sustained publish rate with confirms is measured on its own
-(``benchmarks/rabbitmq_rate.py``; target >= 15,000 events/s), and the queue
-the sluice run filled is checked to hold every event the sink was given.
+``--repeats`` runs after a warm-up; with ``--rounds N`` every cluster runs N
+times, alternating with the others, and the median of its rounds is shown.
+The table gives the two ratios the sinks are held to: (2)/(1), the cost of the
+sinks (target >= 0.85x), and (2)/(5) against the runtime ratio (1)/(4) (sluice
+with its sinks must be ahead of Dask with its plugin by at least as much as
+without). After the clusters, the RabbitMQ sink's sustained publish rate with
+confirms is measured on its own (``benchmarks/rabbitmq_rate.py``; target >=
+15,000 events/s), and the queue the sluice run filled is checked to hold every
+event the sink was given.
 
-Run: ``.venv/bin/python benchmarks/sinks.py [--quick] [--repeats N] [--amqp URL]``.
+Run: ``.venv/bin/python benchmarks/sinks.py [--quick] [--repeats N] [--rounds N]
+[--amqp URL]``.
 """
 
 from __future__ import annotations
@@ -244,6 +247,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2,000 tasks, 1 repeat (CI smoke)")
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every cluster this many times, alternating"
+    )
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--rate-events", type=int, default=200_000)
     parser.add_argument(
@@ -271,25 +277,35 @@ def main() -> None:
             (f"sluice, {part} only", (part,))
             for part in ("counter", "json", "eventlog", "rabbitmq", "rabbitmq-thread")
         ]
-    rates: dict[str, float] = {}
+    # Each round runs every cluster once, in the same order; a cluster's figure is
+    # the median over rounds, so a slow minute of the shared machine weighs on one
+    # round of each cluster rather than on one cluster.
+    per_round: dict[str, list[float]] = {}
     accounts: dict[str, dict[str, float]] = {}
     delivered: list[tuple[str, dict[str, int], int, float]] = []
-    for i, (label, parts) in enumerate(runs):
-        with console.status(f"{label}..."):
-            queue = f"sluice-bench-{tag}-{i}"
-            accounts[label] = {}
-            rates[label], rabbit, catch_up = bench_sluice(
-                n, repeats, parts, args.amqp, queue, accounts[label]
-            )
-            if rabbit is not None:
-                depth = queue_depth_and_delete(args.amqp, queue)
-                delivered.append((label, rabbit.stats(), depth, catch_up))
     dask_queue = f"dask-bench-{tag}"
-    with console.status("Dask, no plugin..."):
-        rates["Dask, no plugin"] = bench_dask(n, repeats, None, dask_queue)
-    with console.status("Dask, the docs' RabbitMQ plugin..."):
-        rates["Dask, RabbitMQ plugin from its docs"] = bench_dask(n, repeats, host, dask_queue)
-    queue_depth_and_delete(args.amqp, dask_queue)
+    for r in range(args.rounds):
+        tick = f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""
+        for i, (label, parts) in enumerate(runs):
+            with console.status(f"{label}{tick}..."):
+                queue = f"sluice-bench-{tag}-{r}-{i}"
+                accounts[label] = {}  # the last round's
+                rate, rabbit, catch_up = bench_sluice(
+                    n, repeats, parts, args.amqp, queue, accounts[label]
+                )
+                per_round.setdefault(label, []).append(rate)
+                if rabbit is not None:
+                    depth = queue_depth_and_delete(args.amqp, queue)
+                    delivered.append((f"{label}{tick}", rabbit.stats(), depth, catch_up))
+        for label, plugin_host in (
+            ("Dask, no plugin", None),
+            ("Dask, RabbitMQ plugin from its docs", host),
+        ):
+            with console.status(f"{label}{tick}..."):
+                rate = bench_dask(n, repeats, plugin_host, dask_queue)
+                per_round.setdefault(label, []).append(rate)
+        queue_depth_and_delete(args.amqp, dask_queue)
+    rates = {label: statistics.median(values) for label, values in per_round.items()}
 
     table = Table(title=f"sinks: {n:,} independent inc, 2 worker processes x 1 thread")
     table.add_column("cluster")
