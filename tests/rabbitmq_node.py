@@ -212,6 +212,10 @@ class RabbitNode:
         finally:
             self.kill()
 
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> None:
+        """Run ``rabbitmqctl`` against this node (``set_policy ...``, say)."""
+        self._ctl_run(list(args), timeout=timeout)
+
     # -- internals ----------------------------------------------------------------------
 
     def _ctl_run(self, args: list[str], *, timeout: float) -> None:
