@@ -212,13 +212,13 @@ class RabbitNode:
         finally:
             self.kill()
 
-    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> None:
-        """Run ``rabbitmqctl`` against this node (``set_policy ...``, say)."""
-        self._ctl_run(list(args), timeout=timeout)
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl`` against this node (``set_policy ...``, say); its output."""
+        return self._ctl_run(list(args), timeout=timeout)
 
     # -- internals ----------------------------------------------------------------------
 
-    def _ctl_run(self, args: list[str], *, timeout: float) -> None:
+    def _ctl_run(self, args: list[str], *, timeout: float) -> str:
         result = subprocess.run(
             [self._ctl, "-n", self.nodename, *args],
             env=self.env(),
@@ -234,6 +234,7 @@ class RabbitNode:
                 f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): {out[-2000:]}"
                 f"\nserver output: {self._tail()}"
             )
+        return result.stdout.decode(errors="replace")
 
     def _tail(self) -> str:
         path = self.base / "server-output.log"

@@ -418,6 +418,40 @@ def test_queue_arguments_reach_the_broker(tmp_path: Path, shared_queue: str, pro
         connection.close()
 
 
+@pytest.mark.rabbitmq
+def test_a_queue_policy_leaves_the_declaration_plain(
+    tmp_path: Path, rabbit_node: RabbitNode
+) -> None:
+    """docs/rabbitmq.md's advice: lazy, version 2 as a policy, not as arguments.
+
+    The sink declares its queue without arguments; a consumer declaring it the
+    tutorial's way (durable, nothing else) is accepted; the policy is in effect.
+    """
+    import pika
+
+    rabbit_node.start()
+    rabbit_node.rabbitmqctl(
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "lazy-v2",
+        "^task-status$",
+        '{"queue-mode": "lazy", "queue-version": 2}',
+    )
+    sink = RabbitMQ.from_url(f"{rabbit_node.url}?queue=task-status", spool=tmp_path, process=False)
+    sink.write(_events(1, 11))
+    assert sink.wait_confirmed(WAIT)
+    sink.close()
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit_node.url))
+    try:
+        declared = connection.channel().queue_declare("task-status", durable=True)
+        assert declared.method.message_count == 10
+    finally:
+        connection.close()
+    listing = rabbit_node.rabbitmqctl("-q", "list_queues", "--no-table-headers", "name", "policy")
+    assert listing.split() == ["task-status", "lazy-v2"]
+
+
 @pytest.mark.anyio
 async def test_the_bus_spills_for_a_lagging_sink_instead_of_pushing_back(tmp_path: Path) -> None:
     """Past 20,000 events waiting for the sink, the bus writes them to a file: a slow
