@@ -111,6 +111,10 @@ class JsonLog(Sink):
         # Per (kind, level): what goes between the timestamp and the seq's digits,
         # and the start of the event's own JSON, {"kind":K,"seq":, to check it against.
         self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        # The line's start up to the timestamp's fraction, for the last whole second
+        # seen: a busy scheduler logs thousands of events in each. One tuple, so a
+        # render on another thread never reads a second with another's prefix.
+        self._second: tuple[int, bytes] = (-1, b"")
 
     def __repr__(self) -> str:
         return f"JsonLog({self.target!r})"
@@ -149,18 +153,25 @@ class JsonLog(Sink):
                 heads = self._heads[event.kind, level] = self._make_heads(event.kind, level)
             head, start = heads
             if data.startswith(start):
-                digits_end = data.find(b',"time":', len(start))
+                n = len(start)
+                digits_end = data.find(b',"time":', n)
                 cut = data.find(b",", digits_end + 8)
                 if digits_end > 0 and data.startswith(b',"source":', cut):
-                    return b"".join(
-                        (
-                            b'{"timestamp":"',
-                            _iso_bytes(event.time),
-                            head,
-                            data[len(start) : digits_end],
-                            data[cut:],
-                            b"\n",
-                        )
+                    t = event.time
+                    whole = int(t)
+                    micros = round((t - whole) * 1_000_000)
+                    if micros == 1_000_000:
+                        whole, micros = whole + 1, 0
+                    second, prefix = self._second
+                    if whole != second:
+                        prefix = b'{"timestamp":"' + _iso_second_bytes(whole)
+                        self._second = (whole, prefix)
+                    return b"%s.%06dZ%s%s%s\n" % (
+                        prefix,
+                        micros,
+                        head,
+                        data[n:digits_end],
+                        data[cut:],
                     )
         return self._render_with_structlog(event, level)
 

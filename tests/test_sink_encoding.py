@@ -69,22 +69,28 @@ def test_json_log_fast_lines_equal_structlog_rendering() -> None:
     byte for byte what structlog's add_log_level + JSONRenderer make of the event."""
     sink = JsonLog(io.BytesIO(), logger='odd "name"')
     events = [*read_events(SMALL_RUN)]
-    events.append(
-        TaskTransition(
-            seq=len(events) + 1,
-            time=1764000000.999999,
-            key=("k", 2),
-            start="processing",
-            finish="erred",
-            exception="ValueError('x')",
-            traceback="Traceback...",
-        )
+    erred = TaskTransition(
+        seq=len(events) + 1,
+        time=1764000000.999999,
+        key=("k", 2),
+        start="processing",
+        finish="erred",
+        exception="ValueError('x')",
+        traceback="Traceback...",
     )
+    events.append(erred)
+    # Across whole seconds, back to an earlier one, and a fraction that rounds up to
+    # the next second: the line's cached start must follow each.
+    for i, t in enumerate((1764000000.9999996, 1764000001.5, 1764000000.25, 1764000002.0)):
+        events.append(
+            TaskTransition(seq=len(events) + 1, time=t, key=("t", i), start="a", finish="b")
+        )
     kinds = {e.kind for e in events}
     assert {"task-transition", "graph-updated", "worker-added"} <= kinds
     for event in events:
         assert sink.render(event) == _structlog_line(sink, event), event
-    assert json.loads(sink.render(events[-1]))["level"] == "error"
+    assert b'"2025-11-24T16:00:01.000000Z"' in sink.render(events[-4])
+    assert json.loads(sink.render(erred))["level"] == "error"
 
 
 def test_json_log_runs_structlog_processors_given() -> None:
