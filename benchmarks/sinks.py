@@ -96,6 +96,8 @@ def measure(client: Any, n: int, repeats: int, accounts: dict[str, float] | None
 
 
 ROLES = ("scheduler + client", "workers", "RabbitMQ publisher child", "RabbitMQ broker")
+#: Processes of a RabbitMQ node; the broker's work is counted from its beam.smp.
+ERLANG = frozenset({"beam.smp", "erl_child_setup", "epmd", "inet_gethost", "rabbitmq-server", "sh"})
 
 
 def cpu_by_role() -> dict[str, float]:
@@ -114,6 +116,8 @@ def cpu_by_role() -> dict[str, float]:
     add("scheduler + client", me)
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
+            if child.name() in ERLANG:
+                continue  # a broker node this script started (--broker-policy): below
             publisher = "sluice._amqp_process" in child.cmdline()
             add("RabbitMQ publisher child" if publisher else "workers", child)
     for proc in psutil.process_iter(["name"]):
