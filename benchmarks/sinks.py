@@ -26,7 +26,12 @@ port (``tests/rabbitmq_node.py``; the shared broker is not touched), gives it th
 policy ``{"queue-mode": "lazy", "queue-version": 2}`` for the benchmark's queues,
 sluice's and Dask's alike, and runs everything against it: the broker-side setting
 that cuts the broker's CPU per message by about 40% without changing how the
-queue is declared (see ``docs/rabbitmq.md``).
+queue is declared (see ``docs/rabbitmq.md``). With ``--pin`` it starts
+such a node on the machine's last core and runs every cluster (sluice's and Dask's,
+the RabbitMQ publisher child included) on the other cores: the broker as if on a
+machine of its own, so the ratios show what the sinks cost the cluster itself.
+The clusters then have one core fewer: compare ratios, not rates, with a run
+without ``--pin``.
 
 Figures are tasks/s from submission to the last result, the median of
 ``--repeats`` runs after a warm-up; with ``--rounds N`` every cluster runs N
@@ -295,30 +300,59 @@ def main() -> None:
         action="store_true",
         help="run against a RabbitMQ node of the script's own with a lazy, version 2 policy",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run against a RabbitMQ node of the script's own on the last core, and every"
+        " cluster (scheduler, client, workers, publisher child) on the other cores",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        if args.broker_policy:
+        if args.broker_policy or args.pin:
             with console.status("starting a RabbitMQ node of this run's own..."):
-                args.amqp = start_policy_broker(stack)
+                args.amqp = start_own_broker(stack, policy=args.broker_policy, pin=args.pin)
         run_all(args)
-
-
-def start_policy_broker(stack: contextlib.ExitStack) -> str:
-    """A RabbitMQ node of this script's own whose benchmark queues are lazy, version 2."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-    from rabbitmq_node import RabbitNode
-
-    base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-broker-")))
-    node = stack.enter_context(RabbitNode(base))
-    node.rabbitmqctl(
-        "set_policy", "--apply-to", "queues", "bench-lazy-v2", "^(sluice|dask)-bench-", POLICY
-    )
-    console.print(f"RabbitMQ node of this run: {node.url}, policy {POLICY} on the benchmark queues")
-    return str(node.url)
 
 
 #: The queue settings RabbitMQ 3.13 gives classic queues by default, as a policy.
 POLICY = '{"queue-mode": "lazy", "queue-version": 2}'
+
+
+def start_own_broker(stack: contextlib.ExitStack, *, policy: bool, pin: bool) -> str:
+    """A RabbitMQ node of this script's own (the shared one is never changed), its URL.
+
+    ``policy``: the benchmark queues are lazy, version 2. ``pin``: the node runs on
+    the last core and this process, with whatever it starts from now on, on the
+    others, as if the broker had a machine of its own.
+    """
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    import psutil
+
+    from rabbitmq_node import RabbitNode
+
+    base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-broker-")))
+    node = stack.enter_context(RabbitNode(base))
+    what = [f"RabbitMQ node of this run: {node.url}"]
+    if policy:
+        node.rabbitmqctl(
+            "set_policy", "--apply-to", "queues", "bench-lazy-v2", "^(sluice|dask)-bench-", POLICY
+        )
+        what.append(f"policy {POLICY} on the benchmark queues")
+    if pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            sys.exit("--pin needs at least 2 cores")
+        broker_cores, cluster_cores = {cores[-1]}, set(cores[:-1])
+        me = psutil.Process()
+        for proc in me.children(recursive=True):
+            for thread in proc.threads():  # affinity is per thread; Erlang's exist by now
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(thread.id, broker_cores)
+        for thread in me.threads():
+            os.sched_setaffinity(thread.id, cluster_cores)
+        what.append(f"on core {cores[-1]}; the clusters on {sorted(cluster_cores)}")
+    console.print(", ".join(what))
+    return str(node.url)
 
 
 def run_all(args: argparse.Namespace) -> None:
