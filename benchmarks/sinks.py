@@ -29,7 +29,9 @@ that cuts the broker's CPU per message by about 40% without changing how the
 queue is declared (see ``docs/rabbitmq.md``). With ``--pin`` it starts
 such a node on the machine's last core and runs every cluster (sluice's and Dask's,
 the RabbitMQ publisher child included) on the other cores: the broker as if on a
-machine of its own, so the ratios show what the sinks cost the cluster itself.
+machine of its own, so the ratios show what the sinks cost the cluster itself;
+it adds a run with the publisher child moved to the broker's core (as if the
+scheduler's machine had a core to spare for it).
 The clusters then have one core fewer: compare ratios, not rates, with a run
 without ``--pin``.
 
@@ -86,6 +88,22 @@ def run_flat(client: Any, n: int) -> float:
     return n / elapsed
 
 
+def move_publisher(cores: set[int]) -> None:
+    """Run the RabbitMQ publisher child (every thread of it) on ``cores``."""
+    import psutil
+
+    moved = False
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "sluice._amqp_process" in child.cmdline():
+                for thread in child.threads():
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(thread.id, cores)
+                moved = True
+    if not moved:
+        raise SystemExit("no RabbitMQ publisher child to move")
+
+
 def measure(client: Any, n: int, repeats: int, accounts: dict[str, float] | None = None) -> float:
     """Median tasks/s; with ``accounts``, fill it with the CPU seconds each kind of
     process spent over the timed runs, and their wall time (``"wall"``)."""
@@ -140,10 +158,12 @@ def bench_sluice(
     accounts: dict[str, float] | None = None,
     *,
     forward: bool = True,
+    publisher_cores: set[int] | None = None,
 ) -> Any:
     """tasks/s with the sinks named in ``parts`` (counter, json, eventlog, rabbitmq,
     rabbitmq-thread), and the RabbitMQ sink, to check what it delivered.
-    ``forward``: whether workers forward their events to the scheduler."""
+    ``forward``: whether workers forward their events to the scheduler.
+    ``publisher_cores``: the cores to move the RabbitMQ publisher child to."""
     import sluice.config
     from sluice._tuning import tune_process
     from sluice.client import Client
@@ -177,6 +197,9 @@ def bench_sluice(
             cluster,
             Client(cluster) as client,
         ):
+            if rabbit is not None and publisher_cores is not None:
+                rabbit.start()  # idempotent: the child exists once this returns
+                move_publisher(publisher_cores)
             rate = measure(client, n, repeats, accounts)
             if rabbit is not None:
                 # The sink may lag a busy scheduler (that is its job): how long after
@@ -275,6 +298,7 @@ def queue_depth_and_delete(url: str, queue: str) -> int:
 ALL = ("counter", "json", "eventlog")
 NO_SINKS = "sluice, no sinks"
 NO_SINKS_OWN = "sluice, no sinks, workers' events not forwarded"
+BESIDE_BROKER = "sluice, all sinks (RabbitMQ's publisher child on the broker's core)"
 
 
 def main() -> None:
@@ -307,10 +331,13 @@ def main() -> None:
         " cluster (scheduler, client, workers, publisher child) on the other cores",
     )
     args = parser.parse_args()
+    args.broker_cores = None
     with contextlib.ExitStack() as stack:
         if args.broker_policy or args.pin:
             with console.status("starting a RabbitMQ node of this run's own..."):
-                args.amqp = start_own_broker(stack, policy=args.broker_policy, pin=args.pin)
+                args.amqp, args.broker_cores = start_own_broker(
+                    stack, policy=args.broker_policy, pin=args.pin
+                )
         run_all(args)
 
 
@@ -318,8 +345,11 @@ def main() -> None:
 POLICY = '{"queue-mode": "lazy", "queue-version": 2}'
 
 
-def start_own_broker(stack: contextlib.ExitStack, *, policy: bool, pin: bool) -> str:
-    """A RabbitMQ node of this script's own (the shared one is never changed), its URL.
+def start_own_broker(
+    stack: contextlib.ExitStack, *, policy: bool, pin: bool
+) -> tuple[str, set[int] | None]:
+    """A RabbitMQ node of this script's own (the shared one is never changed): its URL,
+    and with ``pin`` the cores it runs on.
 
     ``policy``: the benchmark queues are lazy, version 2. ``pin``: the node runs on
     the last core and this process, with whatever it starts from now on, on the
@@ -333,6 +363,7 @@ def start_own_broker(stack: contextlib.ExitStack, *, policy: bool, pin: bool) ->
     base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-broker-")))
     node = stack.enter_context(RabbitNode(base))
     what = [f"RabbitMQ node of this run: {node.url}"]
+    broker_cores: set[int] | None = None
     if policy:
         node.rabbitmqctl(
             "set_policy", "--apply-to", "queues", "bench-lazy-v2", "^(sluice|dask)-bench-", POLICY
@@ -352,7 +383,7 @@ def start_own_broker(stack: contextlib.ExitStack, *, policy: bool, pin: bool) ->
             os.sched_setaffinity(thread.id, cluster_cores)
         what.append(f"on core {cores[-1]}; the clusters on {sorted(cluster_cores)}")
     console.print(", ".join(what))
-    return str(node.url)
+    return str(node.url), broker_cores
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -374,6 +405,8 @@ def run_all(args: argparse.Namespace) -> None:
         ("sluice, all sinks (defaults: RabbitMQ from a child process)", (*ALL, "rabbitmq"), True),
         ("sluice, all sinks (RabbitMQ from a thread)", (*ALL, "rabbitmq-thread"), True),
     ]
+    if args.pin:
+        runs.append((BESIDE_BROKER, (*ALL, "rabbitmq"), True))
     if not args.no_forwarding_off:
         runs += [
             (NO_SINKS_OWN, (), False),
@@ -398,7 +431,14 @@ def run_all(args: argparse.Namespace) -> None:
                 queue = f"sluice-bench-{tag}-{r}-{i}"
                 accounts[label] = {}  # the last round's
                 rate, rabbit, catch_up = bench_sluice(
-                    n, repeats, parts, args.amqp, queue, accounts[label], forward=forward
+                    n,
+                    repeats,
+                    parts,
+                    args.amqp,
+                    queue,
+                    accounts[label],
+                    forward=forward,
+                    publisher_cores=args.broker_cores if label == BESIDE_BROKER else None,
                 )
                 per_round.setdefault(label, []).append(rate)
                 if rabbit is not None:
