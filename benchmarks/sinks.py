@@ -47,7 +47,7 @@ confirms is measured on its own (``benchmarks/rabbitmq_rate.py``; target >=
 event the sink was given.
 
 Run: ``.venv/bin/python benchmarks/sinks.py [--quick] [--repeats N] [--rounds N]
-[--amqp URL] [--broker-policy] [--no-breakdown] [--no-forwarding-off]``.
+[--amqp URL] [--broker-policy] [--pin] [--no-breakdown] [--no-forwarding-off]``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def cpu_by_role() -> dict[str, float]:
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if child.name() in ERLANG:
-                continue  # a broker node this script started (--broker-policy): below
+                continue  # a broker node this script started (--broker-policy, --pin): below
             publisher = "sluice._amqp_process" in child.cmdline()
             add("RabbitMQ publisher child" if publisher else "workers", child)
     for proc in psutil.process_iter(["name"]):
