@@ -1,22 +1,27 @@
-"""``benchmarks/compare.py --quick`` runs end to end and prints its whole table.
+"""``benchmarks/compare.py --quick`` and ``benchmarks/sinks.py --quick --pin`` run end
+to end and print every row.
 
-A smoke test only: the sizes of ``--quick`` are too small for the figures to
+Smoke tests only: the sizes of ``--quick`` are too small for the figures to
 mean anything, and speed is never asserted in tests (it lives in benchmarks/).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rabbitmq_node import rabbitmq_available
+
 if os.environ.get("CI") != "true":  # CI installs the bench extra: there it must run
     pytest.importorskip("distributed")
 
-COMPARE = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+COMPARE = BENCHMARKS / "compare.py"
 
 #: The start of each row's label, one per target of issue #7.
 ROWS = (
@@ -51,3 +56,52 @@ def test_compare_quick_prints_every_row(tmp_path: Path) -> None:
         row = matching[0].rstrip().rstrip("│").rstrip()
         assert row.endswith(("met", "-")), f"row {label!r} has no verdict:\n{out}"
     assert f"{len(ROWS)} rows;" in out, out
+
+
+#: The clusters ``sinks.py --quick --no-breakdown --pin`` runs, one row each.
+SINK_CLUSTERS = (
+    "sluice, no sinks",
+    "sluice, all sinks (defaults: RabbitMQ from a child process)",
+    "sluice, all sinks (RabbitMQ from a thread)",
+    "sluice, all sinks (RabbitMQ's publisher child on the broker's core)",
+    "sluice, no sinks, workers' events not forwarded",
+    "sluice, all sinks, workers' events not forwarded",
+    "Dask, no plugin",
+    "Dask, RabbitMQ plugin from its docs",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(300)
+def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) -> None:
+    """On a broker node of its own, pinned: every cluster runs, and each RabbitMQ sink
+    delivered all it was given (2,200 tasks x 5 transitions: the timed runs and the
+    warm-up)."""
+    if not rabbitmq_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("rabbitmq-server is not installed (CI must run this test)")
+        pytest.skip("rabbitmq-server is not installed")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs 2 cores")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sinks.py"), "--quick", "--no-breakdown", "--pin"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "250"},  # one line per row: nothing wrapped
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "on core" in out, out
+    for label in SINK_CLUSTERS:
+        # The first table's row: the label, then its rate in tasks/s.
+        row = re.compile(rf"^│ {re.escape(label)} +│ +[\d,]+ │", re.MULTILINE)
+        assert len(row.findall(out)) == 1, f"{label!r}:\n{out}"
+    delivered = re.findall(
+        r"published ([\d,]+), confirmed ([\d,]+), spooled [\d,]+; the queue held ([\d,]+)", out
+    )
+    assert len(delivered) == 4, out
+    assert all(counts == ("11,000",) * 3 for counts in delivered), delivered
+    assert "sustained rate with confirms (lazy, version 2)" in out, out
