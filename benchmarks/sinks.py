@@ -30,8 +30,9 @@ queue is declared (see ``docs/rabbitmq.md``). With ``--pin`` it starts
 such a node on the machine's last core and runs every cluster (sluice's and Dask's,
 the RabbitMQ publisher child included) on the other cores: the broker as if on a
 machine of its own, so the ratios show what the sinks cost the cluster itself;
-it adds a run with the publisher child moved to the broker's core (as if the
-scheduler's machine had a core to spare for it).
+it adds runs with the publisher child moved to the broker's core (as if the
+scheduler's machine had a core to spare for it), with and without the workers'
+events forwarded.
 The clusters then have one core fewer: compare ratios, not rates, with a run
 without ``--pin``.
 
@@ -299,6 +300,9 @@ ALL = ("counter", "json", "eventlog")
 NO_SINKS = "sluice, no sinks"
 NO_SINKS_OWN = "sluice, no sinks, workers' events not forwarded"
 BESIDE_BROKER = "sluice, all sinks (RabbitMQ's publisher child on the broker's core)"
+BESIDE_BROKER_OWN = (
+    "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)"
+)
 
 
 def main() -> None:
@@ -412,6 +416,8 @@ def run_all(args: argparse.Namespace) -> None:
             (NO_SINKS_OWN, (), False),
             ("sluice, all sinks, workers' events not forwarded", (*ALL, "rabbitmq"), False),
         ]
+        if args.pin:
+            runs.append((BESIDE_BROKER_OWN, (*ALL, "rabbitmq"), False))
     if not args.no_breakdown:
         runs += [
             (f"sluice, {part} only", (part,), True)
@@ -438,7 +444,9 @@ def run_all(args: argparse.Namespace) -> None:
                     queue,
                     accounts[label],
                     forward=forward,
-                    publisher_cores=args.broker_cores if label == BESIDE_BROKER else None,
+                    publisher_cores=(
+                        args.broker_cores if label in (BESIDE_BROKER, BESIDE_BROKER_OWN) else None
+                    ),
                 )
                 per_round.setdefault(label, []).append(rate)
                 if rabbit is not None:

@@ -66,6 +66,7 @@ SINK_CLUSTERS = (
     "sluice, all sinks (RabbitMQ's publisher child on the broker's core)",
     "sluice, no sinks, workers' events not forwarded",
     "sluice, all sinks, workers' events not forwarded",
+    "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)",
     "Dask, no plugin",
     "Dask, RabbitMQ plugin from its docs",
 )
@@ -102,6 +103,6 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
     delivered = re.findall(
         r"published ([\d,]+), confirmed ([\d,]+), spooled [\d,]+; the queue held ([\d,]+)", out
     )
-    assert len(delivered) == 4, out
+    assert len(delivered) == 5, out
     assert all(counts == ("11,000",) * 3 for counts in delivered), delivered
     assert "sustained rate with confirms (lazy, version 2)" in out, out
