@@ -42,7 +42,12 @@ times, alternating with the others, and the median of its rounds is shown.
 The table gives the two ratios the sinks are held to: (2)/(1), the cost of the
 sinks (target >= 0.85x), and (2)/(5) against the runtime ratio (1)/(4) (sluice
 with its sinks must be ahead of Dask with its plugin by at least as much as
-without). After the clusters, the RabbitMQ sink's sustained publish rate with
+without). Because that second ratio weighs a cost against each runtime's own
+speed, the script also prints the time each task took longer, in microseconds,
+with the sinks and with Dask's plugin (on one saturated core, with ``--pin``, that
+is their CPU a task), and the CPU one ``transition`` of Dask's plugin takes on its
+own after each round (it follows how dear system calls are at the time). After
+the clusters, the RabbitMQ sink's sustained publish rate with
 confirms is measured on its own (``benchmarks/rabbitmq_rate.py``; target >=
 15,000 events/s), and the queue the sluice run filled is checked to hold every
 event the sink was given.
@@ -258,6 +263,24 @@ def _dask_docs_plugin(host: str, port: int, queue: str) -> Any:
     return RabbitMQPlugin()
 
 
+def docs_plugin_publish_cpu(host: str, port: int, queue: str, n: int = 10_000) -> float:
+    """Microseconds of CPU one ``transition`` of Dask's docs plugin takes, outside Dask.
+
+    It is three socket writes and a poll a message, so what it costs follows how
+    dear system calls are on the machine at the time, which on this shared machine
+    changes from hour to hour; the run prints it beside the ratios.
+    """
+    plugin = _dask_docs_plugin(host, port, queue)
+    try:
+        start = time.process_time()
+        for i in range(n):
+            plugin.transition(f"inc-{i}", "processing", "memory")
+        return (time.process_time() - start) / n * 1e6
+    finally:
+        plugin.channel.queue_delete(queue=queue)
+        plugin.connection.close()
+
+
 def print_accounts(accounts: dict[str, dict[str, float]], tasks: int) -> None:
     """Where the CPU went in the timed runs, and how busy that kept the machine."""
     cores = os.cpu_count() or 1
@@ -281,6 +304,25 @@ def print_accounts(accounts: dict[str, dict[str, float]], tasks: int) -> None:
             f" would have {budget:.1f} s of CPU ({cores} cores x {budget / cores:.1f} s),"
             f" and the no-sink run alone used {sum(base[r] for r in ROLES):.1f} s of it."
         )
+
+
+def print_added_time(rates: dict[str, float], bases: dict[str, str]) -> None:
+    """What each task took longer with the sinks, and with Dask's plugin, in microseconds.
+
+    The two ratios the target sets compare costs relative to each runtime's own
+    speed, so a plugin of a fixed cost weighs four to nine times less on Dask than
+    the same cost on sluice. The added time per task is the cost itself; with
+    ``--pin`` the cluster's one core is saturated, so it is CPU per task.
+    """
+    table = Table(title="time each task took longer (1/rate - 1/rate without), microseconds")
+    table.add_column("cluster")
+    table.add_column("against")
+    table.add_column("us a task", justify="right")
+    pairs = [*bases.items(), ("Dask, RabbitMQ plugin from its docs", "Dask, no plugin")]
+    for label, base in pairs:
+        added = 1e6 / rates[label] - 1e6 / rates[base]
+        table.add_row(label, base, f"{added:,.0f}")
+    console.print(table)
 
 
 def queue_depth_and_delete(url: str, queue: str) -> int:
@@ -427,6 +469,7 @@ def run_all(args: argparse.Namespace) -> None:
     # the median over rounds, so a slow minute of the shared machine weighs on one
     # round of each cluster rather than on one cluster.
     per_round: dict[str, list[float]] = {}
+    publish_cpu: list[float] = []  # Dask's docs plugin outside Dask, us a transition
     accounts: dict[str, dict[str, float]] = {}
     delivered: list[tuple[str, dict[str, int], int, float]] = []
     dask_queue = f"dask-bench-{tag}"
@@ -460,6 +503,7 @@ def run_all(args: argparse.Namespace) -> None:
                 rate = bench_dask(n, repeats, plugin_broker, dask_queue)
                 per_round.setdefault(label, []).append(rate)
         queue_depth_and_delete(args.amqp, dask_queue)
+        publish_cpu.append(docs_plugin_publish_cpu(*broker, f"{dask_queue}-alone"))
     rates = {label: statistics.median(values) for label, values in per_round.items()}
 
     # Each sluice cluster is held against the no-sink cluster with the same forwarding.
@@ -501,6 +545,12 @@ def run_all(args: argparse.Namespace) -> None:
             f">= {runtime[base_of[label]]:.2f}x",
         )
     console.print(ratios)
+    print_added_time(rates, {label: base_of[label] for label in all_sinks})
+    console.print(
+        "Dask's docs plugin alone, outside Dask, after each round: "
+        + ", ".join(f"{us:.0f}" for us in publish_cpu)
+        + " us of CPU a transition (three socket writes and a poll each)"
+    )
     for base in runtime:
         group = [base, *(label for label in all_sinks if base_of[label] == base)]
         print_accounts({label: accounts[label] for label in group}, n * repeats)

@@ -78,7 +78,7 @@ SINK_CLUSTERS = (
 def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) -> None:
     """On a broker node of its own, pinned: every cluster runs, and each RabbitMQ sink
     delivered all it was given (2,200 tasks x 5 transitions: the timed runs and the
-    warm-up)."""
+    warm-up), and the time each task took longer is shown for every cluster with sinks."""
     if not rabbitmq_available():
         if os.environ.get("CI") == "true":
             pytest.fail("rabbitmq-server is not installed (CI must run this test)")
@@ -105,4 +105,18 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
     )
     assert len(delivered) == 5, out
     assert all(counts == ("11,000",) * 3 for counts in delivered), delivered
+    # The added time a task: one row for each cluster with sinks or a plugin, held
+    # against the cluster without them.
+    for label in (*(c for c in SINK_CLUSTERS if "all sinks" in c), SINK_CLUSTERS[-1]):
+        if label.startswith("Dask"):
+            base = "Dask, no plugin"
+        elif "not forwarded" in label:
+            base = "sluice, no sinks, workers' events not forwarded"
+        else:
+            base = "sluice, no sinks"
+        row = re.compile(rf"^│ {re.escape(label)} +│ {re.escape(base)} +│ +-?[\d,]+ │", re.M)
+        assert len(row.findall(out)) == 1, f"{label!r}:\n{out}"
+    assert re.search(
+        r"Dask's docs plugin alone, outside Dask, after each round: \d+(, \d+)* us", out
+    ), out
     assert "sustained rate with confirms (lazy, version 2)" in out, out
