@@ -116,8 +116,11 @@ async def test_workers_killed_at_random_moments(tmp_path: Path) -> None:
         def alive() -> list[Nanny]:
             """Nannies whose current worker process runs and is registered: a nanny sets
             ``process`` before its new worker registers, so a registered worker of that
-            name whose process was not killed is that process."""
-            names = {w.name for w in s.workers.values()}
+            name whose process was not killed is that process. A killed worker stays
+            registered until the scheduler sees its connection close, and by then its
+            nanny may have started the next process, so killed addresses do not count."""
+            gone = {address for address, _ in killed}
+            names = {w.name for address, w in s.workers.items() if address not in gone}
             return [
                 nn
                 for nn in nannies
