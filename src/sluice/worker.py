@@ -30,7 +30,6 @@ waiting on its own teardown.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -68,6 +67,7 @@ from sluice._core.worker_commands import (
 from sluice._core.worker_state import WorkerState
 from sluice._worker_exec import (
     ConnectionPool,
+    TaskOutcome,
     dumps_exception,
     error_reply,
     format_traceback,
@@ -77,6 +77,7 @@ from sluice._worker_exec import (
     worker_context,
 )
 from sluice._worker_plugins import WorkerPlugins
+from sluice._worker_runner import TaskRunner
 from sluice.bus import EventBus
 from sluice.comm import (
     AuthenticationError,
@@ -193,7 +194,7 @@ class Worker(WorkerPlugins):
         self._incoming: dict[Key, Any] = {}
         self._exceptions: dict[Key, bytes] = {}
         self._forward: list[dict[str, Any]] = []
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._task_threads: TaskRunner | None = None
         self._pool = ConnectionPool(security=security, timeout=connect_timeout)
         self._rids = itertools.count(1)
         self._listener: Listener | None = None
@@ -267,10 +268,14 @@ class Worker(WorkerPlugins):
             raise
         self._comm = comm
         self._batched = BatchedSend(comm)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            self.nthreads, thread_name_prefix=f"sluice-worker-{self.name}"
-        )
         self._loop = asyncio.get_running_loop()
+        self._task_threads = TaskRunner(
+            self.nthreads,
+            self._loop,
+            functools.partial(run_task, self, loop=self._loop),
+            self._finished_tasks,
+            name=f"sluice-worker-{self.name}",
+        )
         self._runner = self._loop.create_task(self._run(), name=f"sluice-worker-{self.address}")
         await self._running.wait()
         logger.info(
@@ -359,9 +364,9 @@ class Worker(WorkerPlugins):
             logger.exception("worker %s failed", self.address)
         finally:
             self._tg = None
-            if self._executor is not None:
+            if self._task_threads is not None:
                 # Running task threads cannot be interrupted; they finish on their own.
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._task_threads.shutdown()
             self._running.set()
             self._done.set()
 
@@ -522,30 +527,38 @@ class Worker(WorkerPlugins):
         # may be released while its thread still runs.
         deps = {d.key: self.data[d.key] for d in ts.dependencies if d.key in self.data}
         spec = self._specs.get(key)
-        assert self._tg is not None
-        self._tg.start_soon(self._execute, key, spec, deps)
-
-    async def _execute(self, key: Key, spec: bytes | None, deps: dict[Key, Any]) -> None:
-        assert self._executor is not None and self._loop is not None
+        assert self._task_threads is not None
         if spec is None:
             exc = RuntimeError(f"no task spec for {key!r}")
             self._fail(key, exc, 0.0)
             return
-        future = self._executor.submit(run_task, self, spec, deps, self._loop)
-        outcome = await asyncio.wrap_future(future)
-        if outcome.error is None:
-            value = outcome.value
-            self._incoming[key] = value
-            self._handle(
-                ExecuteSuccess(
-                    key=key,
-                    nbytes=sizeof(value),
-                    duration=outcome.duration,
-                    stimulus_id=f"task-finished-{time.time()}",
-                )
-            )
-        else:
-            self._fail(key, outcome.error, outcome.duration)
+        self._task_threads.submit(key, spec, deps)
+
+    def _finished_tasks(self, batch: list[tuple[Key, TaskOutcome]]) -> None:
+        """The outcomes the task threads gathered since the loop last looked."""
+        if self._tg is None:  # closed: nothing is reported any more
+            return
+        try:
+            for key, outcome in batch:
+                if outcome.error is None:
+                    value = outcome.value
+                    self._incoming[key] = value
+                    self._handle(
+                        ExecuteSuccess(
+                            key=key,
+                            nbytes=sizeof(value),
+                            duration=outcome.duration,
+                            stimulus_id=f"task-finished-{time.time()}",
+                        )
+                    )
+                else:
+                    self._fail(key, outcome.error, outcome.duration)
+        except Exception:
+            # A loop callback, not a task: what a task group would do with the error
+            # (fail the worker) is done here, rather than losing the rest of the batch
+            # to asyncio's default handler and going on.
+            logger.exception("worker %s failed on its finished tasks", self.address)
+            self._request_close("failed")
 
     def _fail(self, key: Key, exc: BaseException, duration: float) -> None:
         self._exceptions[key] = dumps_exception(exc)
