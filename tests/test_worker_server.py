@@ -183,6 +183,21 @@ async def test_a_failing_task_is_reported_with_its_exception(scheduler: FakeSche
         assert "bad" not in w.data
 
 
+async def test_a_task_without_a_spec_errs_and_its_siblings_still_run(
+    scheduler: FakeScheduler,
+) -> None:
+    async with Worker(scheduler.address, nthreads=2) as w:
+        broken = {**compute("nospec", inc, 1), "spec": None}
+        await scheduler.send(w.address, broken, compute("fine", inc, 1))
+        with anyio.fail_after(WAIT):
+            (msg,) = await scheduler.wait_for(lambda m: m["op"] == "task-erred")
+            await scheduler.wait_for(finished("fine"))
+        assert msg["key"] == "nospec"
+        assert "no task spec for 'nospec'" in msg["exception_text"]
+        assert w.state.tasks["nospec"].state == "error"
+        assert w.data == {"fine": 2}
+
+
 class Unpicklable(Exception):
     def __reduce__(self) -> Any:
         raise TypeError("no pickling")

@@ -527,10 +527,12 @@ class Worker(WorkerPlugins):
         # may be released while its thread still runs.
         deps = {d.key: self.data[d.key] for d in ts.dependencies if d.key in self.data}
         spec = self._specs.get(key)
-        assert self._task_threads is not None
+        assert self._task_threads is not None and self._loop is not None
         if spec is None:
-            exc = RuntimeError(f"no task spec for {key!r}")
-            self._fail(key, exc, 0.0)
+            # Reported from the loop, like any outcome: not inside the _handle
+            # that is still carrying out this instruction's siblings.
+            outcome = TaskOutcome(None, RuntimeError(f"no task spec for {key!r}"), 0.0)
+            self._loop.call_soon(self._finished_tasks, [(key, outcome)])
             return
         self._task_threads.submit(key, spec, deps)
 
