@@ -288,6 +288,17 @@ async def test_a_cancelled_tasks_late_result_is_dropped(scheduler: FakeScheduler
         await scheduler.send(w.address, {"op": "free-keys", "keys": ("slow",), "stimulus_id": "c"})
         await scheduler.send(w.address, compute("after", inc, 1))
         with anyio.fail_after(WAIT):
+            # Only once the worker has cancelled it: the result then comes late.
+            await scheduler.wait_for(
+                lambda m: (
+                    m["op"] == "worker-events"
+                    and any(
+                        e.get("key") == "slow"
+                        and (e.get("start"), e.get("finish")) == ("executing", "released")
+                        for e in m["events"]
+                    )
+                )
+            )
             _RELEASE.set()
             await scheduler.wait_for(finished("after"))
         assert [m["key"] for m in scheduler.op("task-finished")] == ["after"]
