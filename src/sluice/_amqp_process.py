@@ -23,7 +23,6 @@ new child, which first sends what is in the spool, and goes on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import multiprocessing.connection
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice._amqp_spool import DirectoryLock, Message, decode_line, encode_line
+from sluice._child_process import child_pipes, spawn_child
 
 __all__ = ("ProcessBackend",)
 
@@ -102,26 +102,7 @@ class ProcessBackend:
     # -- the sink's backend interface ------------------------------------------------
 
     def start(self) -> None:
-        # A plain subprocess, not multiprocessing: spawn would re-import the user's
-        # __main__ module, and fork is unsafe in a process with threads.
-        down_r, down_w = os.pipe()  # parent -> child: batches and commands
-        up_r, up_w = os.pipe()  # child -> parent: status and log records
-        _grow_pipe(down_w)
-        env = dict(os.environ)
-        here = str(Path(__file__).resolve().parent.parent)  # the directory holding sluice/
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sluice._amqp_process", str(down_r), str(up_w)],
-                pass_fds=(down_r, up_w),
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            os.close(down_r)
-            os.close(up_w)
-        self._conn = multiprocessing.connection.Connection(down_w, readable=False)
-        up = multiprocessing.connection.Connection(up_r, writable=False)
+        self._proc, self._conn, up = spawn_child("sluice._amqp_process")
         self._conn.send(self._config)
         with self._cond:
             self._status = {}
@@ -366,22 +347,9 @@ def _child_main(
         up.close()
 
 
-def _grow_pipe(fd: int) -> None:
-    """Make the pipe hold several batches (Linux), so write() rarely waits on the child."""
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if set_size is None:
-        return
-    for size in (4 << 20, 1 << 20):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, set_size, size)
-            return
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m sluice._amqp_process DOWN_FD UP_FD``: the child's entry point."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    down = multiprocessing.connection.Connection(int(args[0]), writable=False)
-    up = multiprocessing.connection.Connection(int(args[1]), readable=False)
+    down, up = child_pipes(list(sys.argv[1:] if argv is None else argv))
     config = down.recv()
     with contextlib.suppress(OSError):
         os.nice(_CHILD_NICENESS)

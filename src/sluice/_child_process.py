@@ -1,0 +1,75 @@
+"""Start a helper child process that talks to this one over two pipes.
+
+Sinks whose work is CPU in Python (the RabbitMQ publisher, the file sinks with
+``process=true``) can do it in a child, so it neither holds the GIL the
+scheduler's loop needs nor shares its core when the machine has one to spare.
+The child is a plain ``python -m MODULE DOWN_FD UP_FD``, not multiprocessing:
+spawn would re-import the user's ``__main__`` module, and fork is unsafe in a
+process with threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import multiprocessing.connection
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ("child_pipes", "grow_pipe", "spawn_child")
+
+
+def grow_pipe(fd: int) -> None:
+    """Make the pipe hold several batches (Linux), so a write rarely waits on the child."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
+    for size in (4 << 20, 1 << 20):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, set_size, size)
+            return
+
+
+def spawn_child(
+    module: str,
+) -> tuple[
+    subprocess.Popen[bytes],
+    multiprocessing.connection.Connection,
+    multiprocessing.connection.Connection,
+]:
+    """Run ``python -m module DOWN_FD UP_FD``: the process, the pipe down to it (this
+    process writes) and the pipe up from it (this process reads)."""
+    down_r, down_w = os.pipe()  # parent -> child: batches and commands
+    up_r, up_w = os.pipe()  # child -> parent: replies, status, log records
+    grow_pipe(down_w)
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)  # the directory holding sluice/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(down_r), str(up_w)],
+            pass_fds=(down_r, up_w),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    except BaseException:
+        for fd in (down_w, up_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(down_r)
+        os.close(up_w)
+    down = multiprocessing.connection.Connection(down_w, readable=False)
+    up = multiprocessing.connection.Connection(up_r, writable=False)
+    return proc, down, up
+
+
+def child_pipes(
+    argv: list[str],
+) -> tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]:
+    """In the child: the pipe down from the parent (read) and up to it (write)."""
+    down = multiprocessing.connection.Connection(int(argv[0]), writable=False)
+    up = multiprocessing.connection.Connection(int(argv[1]), readable=False)
+    return down, up
