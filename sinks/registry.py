@@ -10,7 +10,10 @@ A spec names a sink and, after a colon, where it writes::
     amqp://guest:guest@host:5672/%2F?queue=q   RabbitMQ.from_url(...)  (also amqps://)
 
 A path may also be given relative (``json-log:run.json``). ``eventlog`` takes
-``?fsync=batch|close|never`` and ``?rotate-bytes=N``.
+``?fsync=batch|close|never`` and ``?rotate-bytes=N``. Both file sinks take
+``?process=true``: the sink then runs in a child process of its own
+(:mod:`sluice.sinks._child`), off the scheduler's GIL; a service's
+``process=true`` sinks share one child.
 
 Other packages add sinks with the entry-point group ``sluice.sinks``: the
 entry point's name is the spec's scheme and its object a callable taking the
@@ -33,6 +36,9 @@ from typing import Any
 __all__ = ("ENTRY_POINT_GROUP", "SinkSpecError", "available", "sink_from_spec")
 
 ENTRY_POINT_GROUP = "sluice.sinks"
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class SinkSpecError(ValueError):
@@ -73,21 +79,49 @@ def _errors(spec: str, target: str) -> Any:
     return ErrorLogger()
 
 
+def _process_option(spec: str, query: dict[str, str]) -> bool:
+    """Take ``process=true|false`` out of ``query``."""
+    value = query.pop("process", "false").lower()
+    if value not in _BOOLEANS:
+        raise SinkSpecError(f"sink spec {spec!r}: process must be true or false, not {value!r}")
+    return _BOOLEANS[value]
+
+
+def _in_child(spec: str, sink: Any) -> Any:
+    """``sink``, built from ``spec`` with ``process=true``, run in a child process instead."""
+    from sluice.sinks._child import ChildSink
+
+    parts = urllib.parse.urlsplit(spec)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    inner = parts._replace(
+        query=urllib.parse.urlencode([(k, v) for k, v in query if k != "process"])
+    ).geturl()
+    return ChildSink([inner], name=sink.name, kinds=sink.kinds)
+
+
 def _json_log(spec: str, target: str) -> Any:
     from sluice.sinks.jsonlog import JsonLog
 
-    if target in ("", "stderr", "stdout"):
-        return JsonLog(target or "stderr")
-    path, query = _path_of(spec, target)
+    where, _, options = target.partition("?")
+    if where in ("", "stderr", "stdout"):
+        query = dict(urllib.parse.parse_qsl(options, keep_blank_values=True))
+        path = where or "stderr"
+    else:
+        path, query = _path_of(spec, target)
+    process = _process_option(spec, query)
     if query:
-        raise SinkSpecError(f"sink spec {spec!r}: json-log takes no options ({sorted(query)})")
-    return JsonLog(path)
+        raise SinkSpecError(
+            f"sink spec {spec!r}: json-log takes no options but process ({sorted(query)})"
+        )
+    sink = JsonLog(path)
+    return _in_child(spec, sink) if process else sink
 
 
 def _eventlog(spec: str, target: str) -> Any:
     from sluice.sinks.eventlog import EventLog, FsyncPolicy
 
     path, query = _path_of(spec, target)
+    process = _process_option(spec, query)
     fsync: FsyncPolicy = "batch"
     rotate: int | None = None
     for name, value in query.items():
@@ -107,9 +141,11 @@ def _eventlog(spec: str, target: str) -> Any:
         else:
             raise SinkSpecError(f"sink spec {spec!r}: unknown eventlog option {name!r}")
     try:
-        return EventLog(path, fsync=fsync, rotate_bytes=rotate)
+        # Built here even for a child: a log that exists fails now, with one line.
+        sink = EventLog(path, fsync=fsync, rotate_bytes=rotate)
     except (OSError, ValueError) as exc:
         raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
+    return _in_child(spec, sink) if process else sink
 
 
 def _rabbitmq(spec: str, target: str) -> Any:
@@ -188,4 +224,26 @@ def sinks_from_config(service: str, sinks: Any) -> list[Any]:
         sinks = config.get(f"sluice.{service}.sinks", None) or []
     if isinstance(sinks, str) or hasattr(sinks, "write"):
         sinks = [sinks]
-    return [sink_from_spec(s) if isinstance(s, str) else s for s in sinks]
+    built = [sink_from_spec(s) if isinstance(s, str) else s for s in sinks]
+    return _share_child(built)
+
+
+def _share_child(sinks: list[Any]) -> list[Any]:
+    """The ``process=true`` sinks built from specs, merged into one child process
+    (at the place of the first): each batch then goes down one pipe once."""
+    from sluice.sinks._child import ChildSink
+
+    hosted = [s for s in sinks if type(s) is ChildSink]
+    if len(hosted) < 2:
+        return sinks
+    kinds: frozenset[str] | None = frozenset()
+    for sink in hosted:
+        kinds = None if kinds is None or sink.kinds is None else kinds | sink.kinds
+    shared = ChildSink(
+        [spec for sink in hosted for spec in sink.specs],
+        name="+".join(sink.name for sink in hosted),
+        kinds=kinds,
+    )
+    first = sinks.index(hosted[0])
+    rest = [s for s in sinks if type(s) is not ChildSink]
+    return [*rest[:first], shared, *rest[first:]]

@@ -1,0 +1,209 @@
+"""File sinks in a child process (``?process=true``): the same bytes as in-process,
+one child for a service's hosted sinks, and failures raised, not hung on."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from sluice.bus import EventBus
+from sluice.events import Event, GraphUpdated, TaskTransition, UserEvent
+from sluice.replay import read_events, read_header
+from sluice.sinks._child import ChildSink, ChildSinkError
+from sluice.sinks.registry import SinkSpecError, sink_from_spec, sinks_from_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def run_events(n: int = 500) -> list[Event]:
+    """Fresh events of the kinds a run has, with tuple keys and a failure among them."""
+    events: list[Event] = [
+        GraphUpdated(
+            seq=1,
+            time=1_700_000_000.25,
+            client="c1",
+            keys=(("inc", 0), "x"),
+            dependencies={("inc", 0): (), "x": (("inc", 0),)},
+        )
+    ]
+    for i in range(2, n + 1):
+        finish = "erred" if i % 97 == 0 else "memory"
+        events.append(
+            TaskTransition(
+                seq=i,
+                time=1_700_000_000.0 + i / 7,
+                key=("inc", i),
+                start="processing",
+                finish=finish,
+                source="scheduler" if i % 2 else "tcp://127.0.0.1:4000",
+            )
+        )
+    events.append(UserEvent(seq=n + 1, time=1_700_000_999.5, topic="t", msg={"a": [1, 2]}))
+    return events
+
+
+async def publish(sinks: list[object], events: list[Event]) -> str:
+    async with EventBus() as bus:
+        for i, sink in enumerate(sinks):
+            bus.subscribe(sink, name=f"sink-{i}")
+        for start in range(0, len(events), 150):  # several batches
+            bus.publish_many(events[start : start + 150])
+            await bus.drain()
+        return bus.run_id
+
+
+async def test_a_json_log_in_a_child_writes_the_bytes_the_in_process_one_writes(
+    tmp_path: Path,
+) -> None:
+    hosted = sink_from_spec(f"json-log://{tmp_path}/child.json?process=true")
+    assert isinstance(hosted, ChildSink)
+    await publish([hosted, sink_from_spec(f"json-log://{tmp_path}/here.json")], run_events())
+    child = (tmp_path / "child.json").read_bytes()
+    assert child == (tmp_path / "here.json").read_bytes()
+    assert child.count(b"\n") == len(run_events())
+    assert hosted.pid is not None
+
+
+async def test_an_event_log_in_a_child_is_the_run_with_the_buses_run_id(tmp_path: Path) -> None:
+    events = run_events()
+    run_id = await publish(
+        [sink_from_spec(f"eventlog://{tmp_path}/run.jsonl?process=true")], events
+    )
+    assert [e.to_dict() for e in read_events(tmp_path / "run.jsonl")] == [
+        e.to_dict() for e in events
+    ]
+    assert read_header(tmp_path / "run.jsonl")["run_id"] == run_id
+
+
+async def test_a_services_hosted_sinks_share_one_child_in_the_first_ones_place(
+    tmp_path: Path,
+) -> None:
+    sinks = sinks_from_config(
+        "scheduler",
+        [
+            "counter",
+            f"json-log://{tmp_path}/a.json?process=true",
+            "errors",
+            f"eventlog://{tmp_path}/b.jsonl?process=true&fsync=close",
+        ],
+    )
+    assert [type(s).__name__ for s in sinks] == ["Counter", "ChildSink", "ErrorLogger"]
+    shared = sinks[1]
+    assert shared.name == "json-log+eventlog"
+    assert shared.specs == [
+        f"json-log:{tmp_path}/a.json",
+        f"eventlog:{tmp_path}/b.jsonl?fsync=close",
+    ]
+    events = run_events()
+    await publish(sinks, events)
+    assert (tmp_path / "a.json").read_bytes().count(b"\n") == len(events)
+    assert len(list(read_events(tmp_path / "b.jsonl"))) == len(events)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("json-log:///tmp/x.json?process=maybe", "process must be true or false, not 'maybe'"),
+        ("json-log:stderr?colour=1", "json-log takes no options but process (['colour'])"),
+        ("eventlog:///tmp/x.jsonl?process=yes&fsync=sometimes", "fsync must be batch"),
+    ],
+)
+def test_a_bad_process_option_is_a_one_line_spec_error(spec: str, message: str) -> None:
+    with pytest.raises(SinkSpecError, match=re.escape(message)) as err:
+        sink_from_spec(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_an_existing_event_log_fails_at_the_spec_not_in_the_child(tmp_path: Path) -> None:
+    (tmp_path / "old.jsonl").write_text("something\n")
+    with pytest.raises(SinkSpecError, match=r"old\.jsonl"):
+        sink_from_spec(f"eventlog://{tmp_path}/old.jsonl?process=true")
+
+
+def test_a_child_that_cannot_open_its_file_fails_to_start_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    sink = sink_from_spec(f"json-log://{tmp_path}/a-file/log.json?process=true")
+    with pytest.raises(ChildSinkError) as err:
+        sink.start()
+    assert "json-log in a child process:" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ChildSinkError, match=r"nothing is written|not written"):
+        sink.write(run_events(3))
+    sink.close()
+
+
+def test_a_killed_child_fails_every_write_and_close_cleans_up(tmp_path: Path) -> None:
+    sink = sink_from_spec(f"json-log://{tmp_path}/log.json?process=true")
+    sink.start()
+    sink.write(run_events(3))
+    sink.flush()
+    assert (tmp_path / "log.json").read_bytes().count(b"\n") == 4
+    assert sink.pid is not None
+    os.kill(sink.pid, signal.SIGKILL)
+    sink._proc.wait(10)  # type: ignore[union-attr]  # dead, not dying, before the writes
+    for _ in range(2):
+        with pytest.raises(ChildSinkError, match=r"exited \(code -9\).*not written"):
+            sink.write(run_events(3))
+    sink.close()  # the writes said it: close just cleans up
+
+
+def test_a_failing_sink_in_a_shared_child_is_reported_once_and_the_other_goes_on(
+    tmp_path: Path,
+) -> None:
+    # /dev/full takes the open and fails every write that reaches it.
+    [sink] = sinks_from_config(
+        "scheduler",
+        ["json-log:///dev/full?process=true", f"eventlog://{tmp_path}/run.jsonl?process=true"],
+    )
+    sink.start()
+    events = run_events(600)
+    sink.write(events[:300])
+    with pytest.raises(ChildSinkError, match="json-log: OSError"):
+        sink.flush()
+    sink.write(events[300:])  # the failure was reported: the event log goes on
+    sink.flush()
+    sink.close()
+    assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == [e.seq for e in events]
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_with_hosted_sinks_logs_its_run_like_the_in_process_log(
+    tmp_path: Path,
+) -> None:
+    from sluice.client import Client
+    from sluice.deploy import LocalCluster
+
+    sinks = [
+        f"json-log://{tmp_path}/run.json?process=true",
+        f"eventlog://{tmp_path}/hosted.jsonl?process=true",
+    ]
+    cluster = LocalCluster(
+        n_workers=2, processes=False, sinks=sinks, event_log=tmp_path / "here.jsonl"
+    )
+    with cluster, Client(cluster) as client:
+        assert client.gather(client.map(inc, range(50))) == list(range(1, 51))
+    # Both logs were written from the same bus: the same events, run id and address.
+    hosted = [e.to_dict() for e in read_events(tmp_path / "hosted.jsonl")]
+    assert hosted == [e.to_dict() for e in read_events(tmp_path / "here.jsonl")]
+    header, expected = (read_header(tmp_path / name) for name in ("hosted.jsonl", "here.jsonl"))
+    del header["started"], expected["started"]  # when each log was opened
+    assert header == expected
+    finished = {
+        e["key"] for e in hosted if e["kind"] == "task-transition" and e["finish"] == "memory"
+    }
+    assert len(finished) == 50
+    lines = (tmp_path / "run.json").read_bytes().splitlines()
+    assert len(lines) == len(hosted)
