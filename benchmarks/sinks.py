@@ -8,7 +8,8 @@ independent ``inc``, default 10,000; worker event forwarding on):
    log to a file, the event log, and RabbitMQ (a queue on the broker at
    ``--amqp``; the scheduler's own transitions, published from a child process);
    then the same with the RabbitMQ sink publishing from a thread
-   (``process=false``);
+   (``process=false``), and with the JSON log and the event log in a child
+   process of their own (``process=true``);
 3. sluice with one sink at a time, to show where the cost is (skip with
    ``--no-breakdown``);
 4. Dask distributed with no plugin;
@@ -32,7 +33,7 @@ the RabbitMQ publisher child included) on the other cores: the broker as if on a
 machine of its own, so the ratios show what the sinks cost the cluster itself;
 it adds runs with the publisher child moved to the broker's core (as if the
 scheduler's machine had a core to spare for it), with and without the workers'
-events forwarded.
+events forwarded, and one with the file sinks' child moved there too.
 The clusters then have one core fewer: compare ratios, not rates, with a run
 without ``--pin``.
 
@@ -95,13 +96,14 @@ def run_flat(client: Any, n: int) -> float:
 
 
 def move_publisher(cores: set[int]) -> None:
-    """Run the RabbitMQ publisher child (every thread of it) on ``cores``."""
+    """Run the RabbitMQ publisher child and the file sinks' child, if there is one
+    (every thread of them), on ``cores``."""
     import psutil
 
     moved = False
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "sluice._amqp_process" in child.cmdline():
+            if {"sluice._amqp_process", "sluice.sinks._child"} & set(child.cmdline()):
                 for thread in child.threads():
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(thread.id, cores)
@@ -124,14 +126,21 @@ def measure(client: Any, n: int, repeats: int, accounts: dict[str, float] | None
     return statistics.median(rates)
 
 
-ROLES = ("scheduler + client", "workers", "RabbitMQ publisher child", "RabbitMQ broker")
+ROLES = (
+    "scheduler + client",
+    "workers",
+    "RabbitMQ publisher child",
+    "file sinks' child",
+    "RabbitMQ broker",
+)
 #: Processes of a RabbitMQ node; the broker's work is counted from its beam.smp.
 ERLANG = frozenset({"beam.smp", "erl_child_setup", "epmd", "inet_gethost", "rabbitmq-server", "sh"})
 
 
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) so far of this process (scheduler and client), its
-    worker processes, the RabbitMQ sink's publisher child and the local broker."""
+    worker processes, the RabbitMQ sink's publisher child, the child of the file sinks
+    with ``process=true`` and the local broker."""
     import psutil
 
     totals = dict.fromkeys(ROLES, 0.0)
@@ -147,8 +156,13 @@ def cpu_by_role() -> dict[str, float]:
         with contextlib.suppress(psutil.Error):
             if child.name() in ERLANG:
                 continue  # a broker node this script started (--broker-policy, --pin): below
-            publisher = "sluice._amqp_process" in child.cmdline()
-            add("RabbitMQ publisher child" if publisher else "workers", child)
+            cmdline = child.cmdline()
+            if "sluice._amqp_process" in cmdline:
+                add("RabbitMQ publisher child", child)
+            elif "sluice.sinks._child" in cmdline:
+                add("file sinks' child", child)
+            else:
+                add("workers", child)
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] == "beam.smp":
             add("RabbitMQ broker", proc)
@@ -167,7 +181,8 @@ def bench_sluice(
     publisher_cores: set[int] | None = None,
 ) -> Any:
     """tasks/s with the sinks named in ``parts`` (counter, json, eventlog, rabbitmq,
-    rabbitmq-thread), and the RabbitMQ sink, to check what it delivered.
+    rabbitmq-thread; child: the file sinks in a child process), and the RabbitMQ
+    sink, to check what it delivered.
     ``forward``: whether workers forward their events to the scheduler.
     ``publisher_cores``: the cores to move the RabbitMQ publisher child to."""
     import sluice.config
@@ -179,11 +194,15 @@ def bench_sluice(
     sinks: list[Any] = []
     rabbit = None
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        event_log = Path(tmp) / "events.jsonl" if "eventlog" in parts else None
+        # "child": the file sinks run in a child process (``process=true``).
+        child = "?process=true" if "child" in parts else ""
+        event_log = Path(tmp) / "events.jsonl" if "eventlog" in parts and not child else None
         if "counter" in parts:
             sinks.append("counter")
         if "json" in parts:
-            sinks.append(f"json-log://{tmp}/events.json")
+            sinks.append(f"json-log://{tmp}/events.json{child}")
+        if "eventlog" in parts and child:
+            sinks.append(f"eventlog://{tmp}/events.jsonl{child}")
         for mode in ("rabbitmq", "rabbitmq-thread"):
             if mode in parts:
                 from sluice.sinks.rabbitmq import RabbitMQ
@@ -205,6 +224,7 @@ def bench_sluice(
         ):
             if rabbit is not None and publisher_cores is not None:
                 rabbit.start()  # idempotent: the child exists once this returns
+                # The file sinks' child starts with the scheduler's bus, before this.
                 move_publisher(publisher_cores)
             rate = measure(client, n, repeats, accounts)
             if rabbit is not None:
@@ -342,6 +362,10 @@ ALL = ("counter", "json", "eventlog")
 NO_SINKS = "sluice, no sinks"
 NO_SINKS_OWN = "sluice, no sinks, workers' events not forwarded"
 BESIDE_BROKER = "sluice, all sinks (RabbitMQ's publisher child on the broker's core)"
+FILE_CHILD = "sluice, all sinks, file sinks in a child process (process=true)"
+BESIDE_BROKER_CHILD = (
+    "sluice, all sinks, file sinks in a child process (both children on the broker's core)"
+)
 BESIDE_BROKER_OWN = (
     "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)"
 )
@@ -450,9 +474,11 @@ def run_all(args: argparse.Namespace) -> None:
         (NO_SINKS, (), True),
         ("sluice, all sinks (defaults: RabbitMQ from a child process)", (*ALL, "rabbitmq"), True),
         ("sluice, all sinks (RabbitMQ from a thread)", (*ALL, "rabbitmq-thread"), True),
+        (FILE_CHILD, (*ALL, "rabbitmq", "child"), True),
     ]
     if args.pin:
         runs.append((BESIDE_BROKER, (*ALL, "rabbitmq"), True))
+        runs.append((BESIDE_BROKER_CHILD, (*ALL, "rabbitmq", "child"), True))
     if not args.no_forwarding_off:
         runs += [
             (NO_SINKS_OWN, (), False),
@@ -488,7 +514,9 @@ def run_all(args: argparse.Namespace) -> None:
                     accounts[label],
                     forward=forward,
                     publisher_cores=(
-                        args.broker_cores if label in (BESIDE_BROKER, BESIDE_BROKER_OWN) else None
+                        args.broker_cores
+                        if label in (BESIDE_BROKER, BESIDE_BROKER_CHILD, BESIDE_BROKER_OWN)
+                        else None
                     ),
                 )
                 per_round.setdefault(label, []).append(rate)

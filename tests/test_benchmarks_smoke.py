@@ -63,7 +63,9 @@ SINK_CLUSTERS = (
     "sluice, no sinks",
     "sluice, all sinks (defaults: RabbitMQ from a child process)",
     "sluice, all sinks (RabbitMQ from a thread)",
+    "sluice, all sinks, file sinks in a child process (process=true)",
     "sluice, all sinks (RabbitMQ's publisher child on the broker's core)",
+    "sluice, all sinks, file sinks in a child process (both children on the broker's core)",
     "sluice, no sinks, workers' events not forwarded",
     "sluice, all sinks, workers' events not forwarded",
     "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)",
@@ -103,7 +105,7 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
     delivered = re.findall(
         r"published ([\d,]+), confirmed ([\d,]+), spooled [\d,]+; the queue held ([\d,]+)", out
     )
-    assert len(delivered) == 5, out
+    assert len(delivered) == 7, out
     assert all(counts == ("11,000",) * 3 for counts in delivered), delivered
     # The added time a task: one row for each cluster with sinks or a plugin, held
     # against the cluster without them.
