@@ -156,6 +156,24 @@ def test_a_killed_child_fails_every_write_and_close_cleans_up(tmp_path: Path) ->
     sink.close()  # the writes said it: close just cleans up
 
 
+def test_the_child_outlives_a_ctrl_c_to_its_process_group(tmp_path: Path) -> None:
+    # Ctrl-C (or systemd's stop) signals every process of the group; the scheduler
+    # then closes its sinks, and the child must still be there to write the rest.
+    sink = sink_from_spec(f"eventlog://{tmp_path}/run.jsonl?process=true")
+    sink.start()
+    events = run_events(200)
+    sink.write(events[:100])
+    sink.flush()
+    assert sink.pid is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(sink.pid, signum)
+    sink.write(events[100:])
+    sink.flush()
+    sink.close()
+    assert sink._proc.returncode == 0  # type: ignore[union-attr]
+    assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == [e.seq for e in events]
+
+
 def test_a_failing_sink_in_a_shared_child_is_reported_once_and_the_other_goes_on(
     tmp_path: Path,
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -793,6 +794,32 @@ def test_publisher_process_that_dies_is_replaced(
         sink.close()
     stats = sink.stats()
     assert stats["confirmed"] == 200 and stats["lost"] == 0 and stats["pending"] == 0
+    ids = [m[0] for m in drain(SHARED_URL, shared_queue)]
+    assert ids == [f"r:{i}" for i in range(1, 201)]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(120)
+def test_publisher_process_outlives_a_ctrl_c_to_its_process_group(
+    tmp_path: Path, shared_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C (or systemd's stop) signals the whole process group; the scheduler then
+    # closes its sinks, and the publisher child must still be there to send the rest.
+    sink = RabbitMQ(SHARED_URL, queue=shared_queue, spool=tmp_path, run_id="r", process=True)
+    try:
+        sink.write(_events(1, 101))
+        assert sink.wait_confirmed(WAIT)
+        child = sink._backend._proc  # type: ignore[attr-defined]
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            child.send_signal(signum)
+        with caplog.at_level(logging.ERROR, logger="sluice.sinks.rabbitmq"):
+            sink.write(_events(101, 201))
+            assert sink.wait_confirmed(WAIT)
+        assert not any("died" in r.message for r in caplog.records)
+        assert sink._backend._proc is child  # type: ignore[attr-defined]
+    finally:
+        sink.close()
+    assert child.returncode == 0
     ids = [m[0] for m in drain(SHARED_URL, shared_queue)]
     assert ids == [f"r:{i}" for i in range(1, 201)]
 

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import multiprocessing.connection
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,16 @@ def spawn_child(
 def child_pipes(
     argv: list[str],
 ) -> tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]:
-    """In the child: the pipe down from the parent (read) and up to it (write)."""
+    """In the child: the pipe down from the parent (read) and up to it (write).
+
+    The child then ignores SIGINT and SIGTERM. Ctrl-C in a terminal (or systemd
+    stopping the unit) signals the whole process group; the parent closes its
+    sinks on that signal and needs its children alive to hand them what is left.
+    A child ends when the parent tells it to or when the pipe down ends (the
+    parent is gone), and finishes its sinks' work either way.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     down = multiprocessing.connection.Connection(int(argv[0]), writable=False)
     up = multiprocessing.connection.Connection(int(argv[1]), readable=False)
     return down, up
