@@ -3,9 +3,13 @@ one child for a service's hosted sinks, and failures raised, not hung on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +229,32 @@ def test_a_scheduler_with_hosted_sinks_logs_its_run_like_the_in_process_log(
     assert len(finished) == 50
     lines = (tmp_path / "run.json").read_bytes().splitlines()
     assert len(lines) == len(hosted)
+
+
+def test_what_a_killed_parent_had_sent_is_still_written(tmp_path: Path) -> None:
+    # The scheduler's process dies at once (SIGKILL) right after handing a batch
+    # over: the child reads what is in the pipe, then EOF, and closes the log.
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_sink_child import run_events
+from sluice.sinks.registry import sink_from_spec
+sink = sink_from_spec("eventlog://{tmp_path}/run.jsonl?process=true&fsync=close")
+sink.start()
+print(sink.pid, flush=True)
+sink.write(run_events(2000))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Not our child (init adopts it, and may leave it a zombie): a pidfd becomes
+    # readable when it has exited.
+    with contextlib.suppress(ProcessLookupError):
+        pidfd = os.pidfd_open(int(proc.stdout.split()[0]))
+        try:
+            assert select.select([pidfd], [], [], 30)[0], "the child did not exit"
+        finally:
+            os.close(pidfd)
+    assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == list(range(1, 2002))
