@@ -38,9 +38,6 @@ __all__ = ("ENTRY_POINT_GROUP", "SinkSpecError", "available", "sink_from_spec")
 ENTRY_POINT_GROUP = "sluice.sinks"
 
 
-_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
 class SinkSpecError(ValueError):
     """A sink spec that cannot be turned into a sink; the message is one line."""
 
@@ -79,12 +76,11 @@ def _errors(spec: str, target: str) -> Any:
     return ErrorLogger()
 
 
-def _process_option(spec: str, query: dict[str, str]) -> bool:
-    """Take ``process=true|false`` out of ``query``."""
-    value = query.pop("process", "false").lower()
-    if value not in _BOOLEANS:
-        raise SinkSpecError(f"sink spec {spec!r}: process must be true or false, not {value!r}")
-    return _BOOLEANS[value]
+def _process_option(query: dict[str, str]) -> bool:
+    """Take ``process=true|false`` out of ``query`` (a bad value: ``ValueError``)."""
+    from sluice._amqp_url import parse_bool  # the RabbitMQ sink's own flags read the same
+
+    return parse_bool("process", query.pop("process", "false"))
 
 
 def _in_child(spec: str, sink: Any) -> Any:
@@ -92,11 +88,9 @@ def _in_child(spec: str, sink: Any) -> Any:
     from sluice.sinks._child import ChildSink
 
     parts = urllib.parse.urlsplit(spec)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
-    inner = parts._replace(
-        query=urllib.parse.urlencode([(k, v) for k, v in query if k != "process"])
-    ).geturl()
-    return ChildSink([inner], name=sink.name, kinds=sink.kinds)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    inner = parts._replace(query=urllib.parse.urlencode([q for q in query if q[0] != "process"]))
+    return ChildSink([inner.geturl()], name=sink.name, kinds=sink.kinds)
 
 
 def _json_log(spec: str, target: str) -> Any:
@@ -108,7 +102,7 @@ def _json_log(spec: str, target: str) -> Any:
         path = where or "stderr"
     else:
         path, query = _path_of(spec, target)
-    process = _process_option(spec, query)
+    process = _process_option(query)
     if query:
         raise SinkSpecError(
             f"sink spec {spec!r}: json-log takes no options but process ({sorted(query)})"
@@ -121,7 +115,7 @@ def _eventlog(spec: str, target: str) -> Any:
     from sluice.sinks.eventlog import EventLog, FsyncPolicy
 
     path, query = _path_of(spec, target)
-    process = _process_option(spec, query)
+    process = _process_option(query)
     fsync: FsyncPolicy = "batch"
     rotate: int | None = None
     for name, value in query.items():
