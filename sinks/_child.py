@@ -275,6 +275,9 @@ def _serve(
                 sink.start()
             sinks.append(sink)
     except Exception as exc:
+        for started in sinks:  # a log already opened ends whole
+            with contextlib.suppress(Exception):
+                started.close()
         up.send(("error", _one_line(exc)))
         return
     up.send(("ready",))
