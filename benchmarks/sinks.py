@@ -540,9 +540,18 @@ def run_all(args: argparse.Namespace) -> None:
     table.add_column("cluster")
     table.add_column("tasks/s", justify="right")
     table.add_column("vs no sinks", justify="right")
+    # Each round's figures too: on a shared machine one cluster's rate moves by a
+    # third within the hour, and the spread says how much a median can be trusted.
+    table.add_column("each round, tasks/s", justify="right")
+    table.add_column("each round, vs no sinks", justify="right")
     for label, rate in rates.items():
         vs = f"{rate / rates[base_of[label]]:.2f}x" if label in base_of else ""
-        table.add_row(label, f"{rate:,.0f}", vs)
+        each = " / ".join(f"{r:,.0f}" for r in per_round[label])
+        each_vs = ""
+        if label in base_of:
+            pairs = zip(per_round[label], per_round[base_of[label]], strict=True)
+            each_vs = " / ".join(f"{r / b:.2f}x" for r, b in pairs)
+        table.add_row(label, f"{rate:,.0f}", vs, each, each_vs)
     console.print(table)
     dask_rabbit = rates["Dask, RabbitMQ plugin from its docs"]
     ratios = Table(title="ratios")

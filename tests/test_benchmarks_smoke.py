@@ -102,6 +102,12 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
         # The first table's row: the label, then its rate in tasks/s.
         row = re.compile(rf"^│ {re.escape(label)} +│ +[\d,]+ │", re.MULTILINE)
         assert len(row.findall(out)) == 1, f"{label!r}:\n{out}"
+    # Each round's rate and ratio beside the medians (--quick: one round).
+    base_row = re.compile(
+        r"^│ sluice, no sinks +│ +([\d,]+) │ +1\.00x │ +([\d,]+) │ +1\.00x │", re.M
+    )
+    match = base_row.search(out)
+    assert match and match[1] == match[2], out
     delivered = re.findall(
         r"published ([\d,]+), confirmed ([\d,]+), spooled [\d,]+; the queue held ([\d,]+)", out
     )
