@@ -3,24 +3,26 @@
 
 Rendering a JSON log line and writing the event log cost the scheduler's
 process several microseconds of Python an event, in threads that hold the GIL
-its loop needs. With ``process=true`` the sink's work moves to a child of its own
-(``python -m sluice.sinks._child``): this process only sends each batch's events
+its loop needs. With ``process=true`` the sink's work moves to a child process
+(``python -m sluice.sinks._child``; a service's such sinks share one): this
+process only sends each batch's events
 as the JSON they already have (:meth:`~sluice.events.Event.to_json`, encoded once
 for every sink), one ``\\n``-joined blob a batch down a pipe; the child decodes
 each event's envelope (kind, seq, time, source, finish) and gives the sink class,
 built from the same spec without ``process``, views of the events that carry
 those fields and the same bytes as their JSON. The file is the one the
 in-process sink would write, byte for byte. On a machine with a core to spare the
-child's work runs beside the scheduler rather than in it; on a saturated one it
-only moves.
+child's work runs beside the scheduler rather than in it; on a saturated core it
+costs more than in-process (docs/performance.md).
 
 Replies come back on a second pipe: ``("ready",)`` once the sink started,
 ``("ok",)`` for each ``flush`` and ``close``, and ``("error", text)`` when the sink
 failed. A failure is raised in this process from the next ``write``, ``flush``
-or ``close``, so the bus logs it and counts it as the in-process sink's would be;
-the child writes nothing after it (the event log then stays a prefix of the run,
-as it does in-process). A child that dies is not restarted: its sink's writes fail
-from then on, each with a one-line error naming the exit code.
+or ``close``, once, so the bus logs it and counts it as the in-process sink's would
+be; the child gives that sink nothing more (the event log then stays a prefix of
+the run, as it does in-process) while its other sinks go on. A child that dies
+is not restarted: its sinks' writes fail from then on, each with a one-line
+error naming the exit code.
 """
 
 from __future__ import annotations
