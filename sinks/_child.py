@@ -5,15 +5,12 @@ Rendering a JSON log line and writing the event log cost the scheduler's
 process several microseconds of Python an event, in threads that hold the GIL
 its loop needs. With ``process=true`` the sink's work moves to a child process
 (``python -m sluice.sinks._child``; a service's such sinks share one): this
-process only sends each batch's events
-as the JSON they already have (:meth:`~sluice.events.Event.to_json`, encoded once
-for every sink), one ``\\n``-joined blob a batch down a pipe; the child decodes
-each event's envelope (kind, seq, time, source, finish) and gives the sink class,
-built from the same spec without ``process``, views of the events that carry
-those fields and the same bytes as their JSON. The file is the one the
-in-process sink would write, byte for byte. On a machine with a core to spare the
-child's work runs beside the scheduler rather than in it; on a saturated core it
-costs more than in-process (docs/performance.md).
+process only sends each batch down a pipe as one msgpack blob of the events
+(:mod:`sluice._event_wire`, ~0.5 us an event; the JSON is rendered in the
+child), and the child gives the sink class, built from the same spec without
+``process``, the events with the JSON the in-process sink would have written,
+byte for byte. On a machine with a core to spare the child's work runs beside
+the scheduler rather than in it (docs/performance.md).
 
 Replies come back on a second pipe: ``("ready",)`` once the sink started,
 ``("ok",)`` for each ``flush`` and ``close``, and ``("error", text)`` when the sink
@@ -36,10 +33,8 @@ import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from sluice._child_process import child_pipes, spawn_child
-from sluice.sinks._json import event_json
+from sluice._event_wire import decode_batch, encode_batch
 
 if TYPE_CHECKING:
     from sluice.events import Event
@@ -99,7 +94,7 @@ class ChildSink:
     def write(self, batch: Sequence[Event], /) -> None:
         if not batch:
             return
-        data = b"\n".join([event_json(event) for event in batch])
+        data = encode_batch(batch)
         with self._lock:
             self._start()
             errors = self._read_up(None, "write")
@@ -217,45 +212,6 @@ class ChildSink:
 # -- the child process -------------------------------------------------------------------
 
 
-class _EventView(msgspec.Struct):
-    """What the child's sinks read of an event: its envelope, ``finish`` and its JSON.
-
-    The JSON log and the event log (the sinks that run here) write the event's JSON
-    and read nothing but these fields; rebuilding each full event cost the child
-    ~6.5 us an event, decoding these ~1 us.
-    """
-
-    kind: str
-    seq: int
-    time: float
-    source: str = "scheduler"
-    finish: Any = None
-    # Not a key of any event's JSON (their fields are identifiers): filled in
-    # from the line after decoding.
-    json: bytes = msgspec.field(default=b"", name="sluice child: json")
-
-    def to_json(self) -> bytes:
-        return self.json
-
-    def _set_json(self, data: bytes) -> None:
-        self.json = data
-
-    def to_dict(self) -> dict[str, Any]:
-        return _decode_dict(self.json)  # type: ignore[no-any-return]
-
-
-_decode_dict = msgspec.json.Decoder().decode
-_decode_views = msgspec.json.Decoder(_EventView).decode_lines
-
-
-def _events(data: bytes) -> list[_EventView]:
-    """The events of a blob, each with the bytes it came as as its JSON."""
-    views = _decode_views(data)
-    for view, line in zip(views, data.split(b"\n"), strict=True):
-        view.json = line
-    return views
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -320,7 +276,7 @@ def _serve(
             each("flush")
             up.send(("ok",))
         else:
-            each("write", _events(data))
+            each("write", decode_batch(data))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

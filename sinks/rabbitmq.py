@@ -28,14 +28,14 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import click
 
 from sluice._amqp_publisher import ThreadBackend  # raises the pip-install hint without pika
-from sluice._amqp_spool import Message, SpoolInUseError
+from sluice._amqp_spool import Message, SpoolInUseError, message_encoder
 from sluice._amqp_url import (
     DEFAULT_QUEUE,
     DEFAULT_URL,
@@ -51,7 +51,6 @@ from sluice._amqp_url import (
 )
 from sluice.events import Event, TaskTransition
 from sluice.sinks import Sink
-from sluice.sinks._json import event_json
 
 __all__ = ("DEFAULT_QUEUE", "RabbitMQ", "SpoolInUseError", "sluice_setup")
 
@@ -194,7 +193,7 @@ class RabbitMQ(Sink):
             else default_spool_dir(plain, queue, exchange)
         )
         self._run_id = run_id
-        self._id_prefix: str | None = None
+        self._encoder: Callable[[Event], Message] | None = None  # fixed at the first event
         self.max_backoff = max_backoff
         # The spool is locked now, so a directory in use fails where the sink is made.
         backend_options: dict[str, Any] = {
@@ -228,7 +227,7 @@ class RabbitMQ(Sink):
                 if self.process:
                     from sluice._amqp_process import ProcessBackend
 
-                    return ProcessBackend(url, encode=self._encode, **options)
+                    return ProcessBackend(url, message_format=self._message_format, **options)
                 return ThreadBackend(self.parameters, encode=self._encode, **options)
             except SpoolInUseError:
                 if not default_spool or slot == _SPOOL_SLOTS - 1:
@@ -254,14 +253,14 @@ class RabbitMQ(Sink):
         return self._run_id
 
     def _encode(self, event: Event) -> Message:
-        prefix = self._id_prefix
-        if prefix is None:
-            prefix = self._id_prefix = f"{self.run_id}:"
-        body = event_json(event)
-        routing_key = self.routing_key
-        # A queue's routing key is its name: no need to build the event's dict.
-        key = routing_key.template if routing_key.constant else routing_key(event.to_dict())
-        return f"{prefix}{event.seq}", key, body
+        encode = self._encoder
+        if encode is None:
+            encode = self._encoder = message_encoder(f"{self.run_id}:", self.routing_key)
+        return encode(event)
+
+    def _message_format(self) -> dict[str, str]:
+        """What the publisher child needs to make the messages as ``_encode`` does."""
+        return {"id_prefix": f"{self.run_id}:", "routing_key": self.routing_key.template}
 
     def _own(self, batch: Sequence[Event]) -> Sequence[Event]:
         """``batch`` without the events workers forwarded to this sink's scheduler."""

@@ -1,13 +1,14 @@
 """The RabbitMQ sink's optional child-process publisher (``RabbitMQ(..., process=True)``).
 
 pika spends ~20-30 us of Python per message; in a thread that time holds the
-GIL the scheduler's event loop needs. With ``process=True`` the sink encodes each
-event (orjson, a few us) and sends each batch as one bytes blob down a pipe to a
-child process (``spawn``ed, so no state is inherited), which runs the same
-:class:`~sluice._amqp_publisher.ThreadBackend` as the in-process sink: memory,
-spool, confirms, reconnects, and the same close procedure.
+GIL the scheduler's event loop needs. With ``process=True`` the sink sends each
+batch as one msgpack blob of the events (:mod:`sluice._event_wire`, ~0.5 us an
+event) down a pipe to a child process (``spawn``ed, so no state is inherited),
+which makes the messages (the event's JSON, its message id and routing key, from
+the ``id_prefix`` and ``routing_key`` template the parent sends at start) and
+runs the same :class:`~sluice._amqp_publisher.ThreadBackend` as the in-process
+sink: memory, spool, confirms, reconnects, and the same close procedure.
 
-The blob is the spool's line format (:func:`~sluice._amqp_spool.encode_line`).
 A blob starting with a NUL byte is a command: ``b"\\0close <timeout>"``. The child
 reports back on the same pipe: ``("status", {...})`` every 50 ms and once more
 when it exits, and ``("log", level, text)`` for its log records, which the parent
@@ -34,8 +35,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sluice._amqp_spool import DirectoryLock, Message, decode_line, encode_line
+from sluice._amqp_spool import DirectoryLock, message_encoder
 from sluice._child_process import child_pipes, spawn_child
+from sluice._event_wire import decode_batch, encode_batch
 
 __all__ = ("ProcessBackend",)
 
@@ -57,7 +59,7 @@ class ProcessBackend:
         self,
         url: str,
         *,
-        encode: Callable[[Any], Message],
+        message_format: Callable[[], dict[str, str]],
         exchange: str,
         queue: str | None,
         spool_dir: Path,
@@ -66,7 +68,8 @@ class ProcessBackend:
         **limits: Any,
     ) -> None:
         self.label = label
-        self.encode = encode
+        # Asked at each start: the run id it holds is only fixed then.
+        self.message_format = message_format
         self._lock = DirectoryLock(Path(spool_dir))
         self._config: dict[str, Any] = {
             "url": url,
@@ -103,7 +106,7 @@ class ProcessBackend:
 
     def start(self) -> None:
         self._proc, self._conn, up = spawn_child("sluice._amqp_process")
-        self._conn.send(self._config)
+        self._conn.send({**self._config, **self.message_format()})
         with self._cond:
             self._status = {}
             self._sent = 0
@@ -121,7 +124,7 @@ class ProcessBackend:
     def submit(self, batch: Sequence[Any]) -> None:
         if self._closing:
             raise RuntimeError(f"RabbitMQ sink {self.label} is closed")
-        data = b"".join([encode_line(self.encode(e)) for e in batch])
+        data = encode_batch(batch)
         with self._outbox_cond:
             while self._outbox_events >= self._max_outbox and not self._closing:
                 self._outbox_cond.wait(0.1)
@@ -275,7 +278,7 @@ def _child_main(
 ) -> None:
     """Run a ThreadBackend fed by the pipe until told to close (or the parent is gone)."""
     from sluice._amqp_publisher import ThreadBackend
-    from sluice._amqp_url import check_pika_url
+    from sluice._amqp_url import RoutingKey, check_pika_url
 
     send_lock = threading.Lock()
 
@@ -292,7 +295,7 @@ def _child_main(
         check_pika_url(config["url"]),
         exchange=config["exchange"],
         queue=config["queue"],
-        encode=decode_line,
+        encode=message_encoder(config["id_prefix"], RoutingKey(config["routing_key"])),
         spool_dir=config["spool_dir"],
         segment_messages=config["segment_messages"],
         label=config["label"],
@@ -331,13 +334,11 @@ def _child_main(
             if data.startswith(_CLOSE):
                 timeout = float(data[len(_CLOSE) :])
                 break
-            # Only split here; the publisher thread decodes (encode=decode_line), so
-            # this thread is back reading the pipe at once.
-            lines = data.split(b"\n")
-            if lines and not lines[-1]:
-                lines.pop()
-            backend.submit(lines)
-            received += len(lines)
+            # The events' JSON is rendered here; the publisher thread makes the
+            # messages (message_encoder) as it takes them.
+            events = decode_batch(data)
+            backend.submit(events)
+            received += len(events)
     finally:
         backend.close(timeout)
         stop.set()

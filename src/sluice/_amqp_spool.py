@@ -35,11 +35,16 @@ import os
 import re
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+
+from sluice.sinks._json import event_json
+
+if TYPE_CHECKING:
+    from sluice._amqp_url import RoutingKey
 
 __all__ = (
     "DirectoryLock",
@@ -48,6 +53,7 @@ __all__ = (
     "SpoolInUseError",
     "decode_line",
     "encode_line",
+    "message_encoder",
 )
 
 logger = logging.getLogger("sluice.sinks.rabbitmq")
@@ -65,6 +71,20 @@ class SpoolInUseError(OSError):
 
     An ``OSError``: the command-line services report it in one line, like a port in use.
     """
+
+
+def message_encoder(id_prefix: str, routing_key: RoutingKey) -> Callable[[Any], Message]:
+    """The function that makes an event's message: id ``<id_prefix><seq>``, routing
+    key, body the event's JSON (an event or a child's :class:`~sluice._event_wire.EventView`)."""
+    constant = routing_key.template if routing_key.constant else None
+
+    def encode(event: Any) -> Message:
+        body = event_json(event)
+        # A queue's routing key is its name: no need to build the event's dict.
+        key = constant if constant is not None else routing_key(event.to_dict())
+        return f"{id_prefix}{event.seq}", key, body
+
+    return encode
 
 
 def encode_line(message: Message) -> bytes:

@@ -104,6 +104,9 @@ class Event(_JsonCache):
     _key_fields: ClassVar[tuple[str, ...]] = ()
     # Filled in for each subclass by _register.
     _field_names: ClassVar[tuple[str, ...]] = ()
+    # True when to_dict() is the kind plus the attrs fields as they are, so
+    # msgspec can encode the event itself in place of its dict (_event_wire).
+    _dict_is_fields: ClassVar[bool] = False
     _fast_build: ClassVar[Callable[[Mapping[str, Any]], Event] | None] = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,6 +398,7 @@ def _register(cls: type[Event]) -> None:
     cls._field_names = names
     KINDS[cls.kind] = cls
     if "to_dict" not in cls.__dict__:
+        cls._dict_is_fields = True
         items = "".join(f"{n!r}: self.{n}, " for n in names)
         # kind first: the event-log reader picks the decoder from a line's first bytes.
         source = f"def to_dict(self):\n    return {{'kind': {cls.kind!r}, {items}}}\n"
