@@ -169,22 +169,41 @@ def cpu_by_role() -> dict[str, float]:
     return totals
 
 
-def bench_sluice(
-    n: int,
-    repeats: int,
+class SinkCluster:
+    """A running sluice cluster with the sinks of ``parts``, and its client."""
+
+    def __init__(self, cluster: Any, client: Any, rabbit: Any) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.rabbit = rabbit  # the RabbitMQ sink, to check what it delivered
+
+    def catch_up(self, timeout: float = 600) -> None:
+        """Wait until every sink has done its work for the events so far: the bus
+        drained, the file sinks' child through its pipe, the broker's confirms in."""
+        from sluice.sinks._child import ChildSink
+
+        bus = self.cluster.scheduler.bus
+        self.cluster._portal.call(bus.drain)
+        for sub in list(bus._subs.values()):
+            if isinstance(sub.consumer, ChildSink):
+                sub.consumer.flush()  # answered once the child wrote every batch before it
+        if self.rabbit is not None:
+            self.rabbit.wait_confirmed(timeout)
+
+
+@contextlib.contextmanager
+def sluice_cluster(
     parts: tuple[str, ...],
     amqp: str,
     queue: str,
-    accounts: dict[str, float] | None = None,
     *,
     forward: bool = True,
     publisher_cores: set[int] | None = None,
 ) -> Any:
-    """tasks/s with the sinks named in ``parts`` (counter, json, eventlog, rabbitmq,
-    rabbitmq-thread; child: the file sinks in a child process), and the RabbitMQ
-    sink, to check what it delivered.
-    ``forward``: whether workers forward their events to the scheduler.
-    ``publisher_cores``: the cores to move the RabbitMQ publisher child to."""
+    """A :class:`SinkCluster` of 2 worker processes x 1 thread with the sinks named in
+    ``parts`` (counter, json, eventlog, rabbitmq, rabbitmq-thread; child: the file
+    sinks in a child process). ``forward``: whether workers forward their events to
+    the scheduler. ``publisher_cores``: the cores to move the sinks' children to."""
     import sluice.config
     from sluice._tuning import tune_process
     from sluice.client import Client
@@ -216,7 +235,6 @@ def bench_sluice(
         cluster = LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, sinks=sinks, event_log=event_log
         )
-        catch_up = 0.0
         with (
             sluice.config.set({"sluice.worker.forward-events": forward}),
             cluster,
@@ -226,15 +244,35 @@ def bench_sluice(
                 rabbit.start()  # idempotent: the child exists once this returns
                 # The file sinks' child starts with the scheduler's bus, before this.
                 move_publisher(publisher_cores)
-            rate = measure(client, n, repeats, accounts)
-            if rabbit is not None:
-                # The sink may lag a busy scheduler (that is its job): how long after
-                # the last result until the broker had confirmed everything.
-                start = time.perf_counter()
-                rabbit.wait_confirmed(600)
-                catch_up = time.perf_counter() - start
+            yield SinkCluster(cluster, client, rabbit)
         # The cluster is closed: every sink was drained and closed.
-    return rate, rabbit, catch_up
+
+
+def bench_sluice(
+    n: int,
+    repeats: int,
+    parts: tuple[str, ...],
+    amqp: str,
+    queue: str,
+    accounts: dict[str, float] | None = None,
+    *,
+    forward: bool = True,
+    publisher_cores: set[int] | None = None,
+) -> Any:
+    """tasks/s with the sinks named in ``parts`` (see :func:`sluice_cluster`), the
+    RabbitMQ sink, and how long after the last result the broker had confirmed all."""
+    catch_up = 0.0
+    with sluice_cluster(
+        parts, amqp, queue, forward=forward, publisher_cores=publisher_cores
+    ) as running:
+        rate = measure(running.client, n, repeats, accounts)
+        if running.rabbit is not None:
+            # The sink may lag a busy scheduler (that is its job): how long after
+            # the last result until the broker had confirmed everything.
+            start = time.perf_counter()
+            running.rabbit.wait_confirmed(600)
+            catch_up = time.perf_counter() - start
+    return rate, running.rabbit, catch_up
 
 
 def bench_dask(n: int, repeats: int, rabbit: tuple[str, int] | None, queue: str) -> float:
