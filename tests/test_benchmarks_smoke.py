@@ -1,5 +1,5 @@
-"""``benchmarks/compare.py --quick`` and ``benchmarks/sinks.py --quick --pin`` run end
-to end and print every row.
+"""``benchmarks/compare.py --quick``, ``benchmarks/sinks.py --quick --pin`` and
+``benchmarks/sink_pairs.py --quick --pin`` run end to end and print every row.
 
 Smoke tests only: the sizes of ``--quick`` are too small for the figures to
 mean anything, and speed is never asserted in tests (it lives in benchmarks/).
@@ -128,3 +128,32 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
         r"Dask's docs plugin alone, outside Dask, after each round: \d+(, \d+)* us", out
     ), out
     assert "sustained rate with confirms (lazy, version 2)" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sink_pairs_quick_gives_a_ratio_a_pair_and_loses_nothing(tmp_path: Path) -> None:
+    """Both clusters up at once, taking turns: a row and a ratio for each pair, and the
+    queue held every scheduler transition (2,100 tasks x 5: the runs and the warm-up)."""
+    if not rabbitmq_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("rabbitmq-server is not installed (CI must run this test)")
+        pytest.skip("rabbitmq-server is not installed")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs 2 cores")
+    script = BENCHMARKS / "sink_pairs.py"
+    args = ["--quick", "--pin", "--beside-broker", "--sinks", "file-child"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    pairs = re.findall(r"^│ +(\d) │ +[\d,]+ │ +[\d,]+ │ +(\d+\.\d\d)x │ +-?\d+ │", out, re.M)
+    assert [p[0] for p in pairs] == ["1", "2"], out
+    assert re.search(r"ratio: median \d+\.\d\dx \(quartiles .*; \d of 2 pairs >= 0\.85x\)", out)
+    assert "had 10,500 confirmed before closing; the queue held 10,500" in out, out
