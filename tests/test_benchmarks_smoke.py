@@ -74,6 +74,16 @@ SINK_CLUSTERS = (
 )
 
 
+def need_a_pinned_broker() -> None:
+    """Skip (fail on CI) where ``--pin`` cannot start a broker node on a core of its own."""
+    if not rabbitmq_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("rabbitmq-server is not installed (CI must run this test)")
+        pytest.skip("rabbitmq-server is not installed")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs 2 cores")
+
+
 @pytest.mark.slow
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(300)
@@ -81,12 +91,7 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
     """On a broker node of its own, pinned: every cluster runs, and each RabbitMQ sink
     delivered all it was given (2,200 tasks x 5 transitions: the timed runs and the
     warm-up), and the time each task took longer is shown for every cluster with sinks."""
-    if not rabbitmq_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("rabbitmq-server is not installed (CI must run this test)")
-        pytest.skip("rabbitmq-server is not installed")
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("--pin needs 2 cores")
+    need_a_pinned_broker()
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "sinks.py"), "--quick", "--no-breakdown", "--pin"],
         capture_output=True,
@@ -131,16 +136,12 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.rabbitmq
 @pytest.mark.timeout(300)
 def test_sink_pairs_quick_gives_a_ratio_a_pair_and_loses_nothing(tmp_path: Path) -> None:
     """Both clusters up at once, taking turns: a row and a ratio for each pair, and the
     queue held every scheduler transition (2,100 tasks x 5: the runs and the warm-up)."""
-    if not rabbitmq_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("rabbitmq-server is not installed (CI must run this test)")
-        pytest.skip("rabbitmq-server is not installed")
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("--pin needs 2 cores")
+    need_a_pinned_broker()
     script = BENCHMARKS / "sink_pairs.py"
     args = ["--quick", "--pin", "--beside-broker", "--sinks", "file-child"]
     proc = subprocess.run(
