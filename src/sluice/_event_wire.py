@@ -25,7 +25,7 @@ and the fields in the class's order, and a list is written as a tuple is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -123,17 +123,19 @@ def decode_batch(data: bytes) -> list[EventView | Event]:
     events: list[EventView | Event] = []
     for kind, raw in zip(kinds, raws, strict=True):
         decode = _VIEW_DECODERS.get(kind)
-        if decode is not None:
-            try:
-                view = decode(raw)
-            except msgspec.ValidationError:
-                pass  # it came as JSON or a dict (_carriable)
-            else:
-                view.__dict__["json"] = _encode_json(view)
-                events.append(view)
-                continue
-        events.append(_event(kind, _decode_any(raw)))
+        view = _view(decode, raw) if decode is not None else None
+        events.append(view if view is not None else _event(kind, _decode_any(raw)))
     return events
+
+
+def _view(decode: Callable[[bytes], EventView], raw: msgspec.Raw) -> EventView | None:
+    """The view of an event sent as its fields; None if it came as JSON or a dict."""
+    try:
+        view = decode(raw)
+    except msgspec.ValidationError:  # see _carriable
+        return None
+    view.__dict__["json"] = _encode_json(view)
+    return view
 
 
 def _event(kind: str, item: Any) -> Event:
