@@ -56,7 +56,7 @@ def encode_batch(batch: Sequence[Event]) -> bytes:
     try:
         return _encode((kinds, items))
     except _UNENCODABLE:
-        # A key msgpack cannot carry (a float in a graph's keys...): as JSON.
+        # A value msgpack cannot carry (an int past 64 bits in a graph's keys...): as JSON.
         return _encode((kinds, [_carriable(e, item) for e, item in zip(batch, items, strict=True)]))
 
 
