@@ -63,3 +63,13 @@ class SluiceProcesses:
     def logs(self) -> str:
         """Everything the processes printed."""
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.folder.glob("*.log")))
+
+
+def thread_niceness(pid: int) -> set[int]:
+    """The nice values of every thread of process ``pid`` (Linux: priority is per thread)."""
+    values = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        # Fields after the command's closing parenthesis; nice is the 19th field.
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        values.add(int(fields[16]))
+    return values

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from sluice import config
 from sluice.bus import EventBus
 from sluice.events import Event, GraphUpdated, TaskTransition, UserEvent
 from sluice.replay import read_events, read_header
 from sluice.sinks._child import ChildSink, ChildSinkError
 from sluice.sinks.registry import SinkSpecError, sink_from_spec, sinks_from_config
+from sluice_processes import thread_niceness
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -158,6 +160,32 @@ def test_a_killed_child_fails_every_write_and_close_cleans_up(tmp_path: Path) ->
         with pytest.raises(ChildSinkError, match=r"exited \(code -9\).*not written"):
             sink.write(run_events(3))
     sink.close()  # the writes said it: close just cleans up
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_child_runs_below_the_parents_cpu_priority(tmp_path: Path) -> None:
+    # On busy cores the scheduler and its workers go first; the child's work waits.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, spec in ((None, "run.jsonl"), (5, "other.jsonl")):
+        with config.set({} if nice is None else {"sluice.sinks.child-nice": nice}):
+            sink = sink_from_spec(f"eventlog://{tmp_path}/{spec}?process=true")
+            sink.start()
+        try:
+            assert sink.pid is not None
+            assert thread_niceness(sink.pid) == {min(19, mine + (nice or 19))}
+        finally:
+            sink.close()
+
+
+def test_a_bad_child_niceness_is_refused_before_a_child_starts(tmp_path: Path) -> None:
+    sink = sink_from_spec(f"eventlog://{tmp_path}/run.jsonl?process=true")
+    with (
+        config.set({"sluice.sinks.child-nice": 25}),
+        pytest.raises(config.ConfigError, match=r"sluice\.sinks\.child-nice must be a whole"),
+    ):
+        sink.start()
+    assert sink.pid is None
+    assert not (tmp_path / "run.jsonl").exists()
 
 
 def test_the_child_outlives_a_ctrl_c_to_its_process_group(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from sluice._amqp_url import RoutingKey, default_spool_dir
 from sluice.events import Event, TaskTransition, WorkerAdded
 from sluice.replay import read_events
 from sluice.sinks.rabbitmq import DEFAULT_QUEUE, RabbitMQ
+from sluice_processes import thread_niceness
 
 SHARED_URL = "amqp://guest:guest@127.0.0.1:5672/"
 WAIT = 60  # seconds; a generous bound for any single wait below
@@ -796,6 +797,22 @@ def test_publisher_process_that_dies_is_replaced(
     assert stats["confirmed"] == 200 and stats["lost"] == 0 and stats["pending"] == 0
     ids = [m[0] for m in drain(SHARED_URL, shared_queue)]
     assert ids == [f"r:{i}" for i in range(1, 201)]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_publisher_process_runs_below_the_parents_cpu_priority(
+    tmp_path: Path, shared_queue: str
+) -> None:
+    # On busy cores the scheduler and its workers go first; publishing waits.
+    sink = RabbitMQ(SHARED_URL, queue=shared_queue, spool=tmp_path, run_id="r", process=True)
+    try:
+        sink.write(_events(1, 11))
+        assert sink.wait_confirmed(WAIT)  # the child's threads are all up by now
+        child = sink._backend._proc  # type: ignore[attr-defined]
+        assert thread_niceness(child.pid) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)}
+    finally:
+        sink.close()
 
 
 @pytest.mark.rabbitmq

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.connection
-import os
 import subprocess
 import sys
 import threading
@@ -45,11 +44,6 @@ logger = logging.getLogger("sluice.sinks.rabbitmq")
 
 _CLOSE = b"\0close "
 _REPORT_INTERVAL = 0.05
-#: The child's CPU priority, below the scheduler's: when the machine's cores are
-#: busy, the scheduler and workers run first and publishing (and the broker's work
-#: for it, which follows the publish rate) waits; the sink's memory and spool take
-#: up the lag, and it catches up when there is CPU to spare.
-_CHILD_NICENESS = int(os.environ.get("SLUICE_RABBITMQ_NICE", "10"))
 
 
 class ProcessBackend:
@@ -352,8 +346,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m sluice._amqp_process DOWN_FD UP_FD``: the child's entry point."""
     down, up = child_pipes(list(sys.argv[1:] if argv is None else argv))
     config = down.recv()
-    with contextlib.suppress(OSError):
-        os.nice(_CHILD_NICENESS)
     _child_main(down, up, config)
 
 

@@ -57,6 +57,11 @@ DEFAULTS: dict[str, Any] = {
         },
         "nanny": {"preload": [], "preload-argv": []},
         "client": {"preload": [], "preload-argv": []},
+        "sinks": {
+            # How far below its parent's the CPU priority of a sink's child process
+            # is (the RabbitMQ publisher, the file sinks with process=true).
+            "child-nice": 19,
+        },
     }
 }
 
@@ -204,6 +209,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "preload-strict": (lambda v: isinstance(v, bool), "true or false"),
     "sinks": (_is_sinks, "a sink spec or a list of sink specs"),
     "forward-events": (lambda v: isinstance(v, bool), "true or false"),
+    "child-nice": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 19,
+        "a whole number from 0 to 19",
+    ),
     "worker-saturation": (
         lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
         "a number > 0 (.inf: no queue)",
