@@ -260,7 +260,8 @@ def bench_sluice(
     publisher_cores: set[int] | None = None,
 ) -> Any:
     """tasks/s with the sinks named in ``parts`` (see :func:`sluice_cluster`), the
-    RabbitMQ sink, and how long after the last result the broker had confirmed all."""
+    RabbitMQ sink, how long after the last result the broker had confirmed all, and
+    how many events the scheduler's bus spilled to disk for a sink that lagged."""
     catch_up = 0.0
     with sluice_cluster(
         parts, amqp, queue, forward=forward, publisher_cores=publisher_cores
@@ -272,7 +273,9 @@ def bench_sluice(
             start = time.perf_counter()
             running.rabbit.wait_confirmed(600)
             catch_up = time.perf_counter() - start
-    return rate, running.rabbit, catch_up
+        subs = running.cluster.scheduler.bus.stats().values()
+        spilled = sum(sub.get("spilled", 0) for sub in subs)
+    return rate, running.rabbit, catch_up, spilled
 
 
 def bench_dask(n: int, repeats: int, rabbit: tuple[str, int] | None, queue: str) -> float:
@@ -535,7 +538,7 @@ def run_all(args: argparse.Namespace) -> None:
     per_round: dict[str, list[float]] = {}
     publish_cpu: list[float] = []  # Dask's docs plugin outside Dask, us a transition
     accounts: dict[str, dict[str, float]] = {}
-    delivered: list[tuple[str, dict[str, int], int, float]] = []
+    delivered: list[tuple[str, dict[str, int], int, float, int]] = []
     dask_queue = f"dask-bench-{tag}"
     for r in range(args.rounds):
         tick = f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""
@@ -543,7 +546,7 @@ def run_all(args: argparse.Namespace) -> None:
             with console.status(f"{label}{tick}..."):
                 queue = f"sluice-bench-{tag}-{r}-{i}"
                 accounts[label] = {}  # the last round's
-                rate, rabbit, catch_up = bench_sluice(
+                rate, rabbit, catch_up, spilled = bench_sluice(
                     n,
                     repeats,
                     parts,
@@ -560,7 +563,8 @@ def run_all(args: argparse.Namespace) -> None:
                 per_round.setdefault(label, []).append(rate)
                 if rabbit is not None:
                     depth = queue_depth_and_delete(args.amqp, queue)
-                    delivered.append((f"{label}{tick}", rabbit.stats(), depth, catch_up))
+                    stats = rabbit.stats()
+                    delivered.append((f"{label}{tick}", stats, depth, catch_up, spilled))
         for label, plugin_broker in (
             ("Dask, no plugin", None),
             ("Dask, RabbitMQ plugin from its docs", broker),
@@ -629,11 +633,12 @@ def run_all(args: argparse.Namespace) -> None:
     for base in runtime:
         group = [base, *(label for label in all_sinks if base_of[label] == base)]
         print_accounts({label: accounts[label] for label in group}, n * repeats)
-    for label, stats, depth, catch_up in delivered:
+    for label, stats, depth, catch_up, spilled in delivered:
         console.print(
             f"{label}: the sink published {stats['published']:,}, confirmed"
             f" {stats['confirmed']:,}, spooled {stats['spooled']:,}; the queue held {depth:,};"
-            f" all confirmed {catch_up:.1f} s after the last result"
+            f" all confirmed {catch_up:.1f} s after the last result; the scheduler's bus"
+            f" spilled {spilled:,} events to disk"
         )
 
     from rabbitmq_rate import LAZY_V2, measure_rate

@@ -118,6 +118,8 @@ def test_sinks_pin_quick_runs_every_cluster_and_loses_nothing(tmp_path: Path) ->
     )
     assert len(delivered) == 7, out
     assert all(counts == ("11,000",) * 3 for counts in delivered), delivered
+    spilled = re.compile(r"the\s+scheduler's\s+bus\s+spilled\s+[\d,]+\s+events\s+to\s+disk")
+    assert len(spilled.findall(out)) == 7, out
     # The added time a task: one row for each cluster with sinks or a plugin, held
     # against the cluster without them.
     for label in (*(c for c in SINK_CLUSTERS if "all sinks" in c), SINK_CLUSTERS[-1]):

@@ -256,6 +256,8 @@ async def test_spill_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
             bus.publish(tt(i, key=f"k{i}"))
         assert not bus.under_pressure
         assert bus.stats()["slow"]["lag"] == n - 1
+        # The first 100 after the held batch fit the queue; every later one spilled.
+        assert bus.stats()["slow"]["spilled"] == n - 1 - 100
         spill_files = os.listdir(tmp_path)
         assert len(spill_files) == 1 and spill_files[0].startswith("sluice-spill-slow-")
         assert (tmp_path / spill_files[0]).stat().st_size > 0
@@ -267,6 +269,7 @@ async def test_spill_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
         f"k{i}" for i in range(2, n + 1)
     ]
     assert bus.stats()["slow"]["dropped"] == 0
+    assert bus.stats()["slow"]["spilled"] == n - 1 - 100  # a total, not what waits
 
 
 async def test_a_sink_chooses_its_queue_size_and_overflow(tmp_path: Path) -> None:

@@ -99,6 +99,7 @@ class Subscription(abc.ABC):
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
+        self.spilled = 0  # events that went through a spill file (overflow="spill")
         self._last_report = -_FAILURE_REPORT_INTERVAL
         self._unreported = 0  # failures since the last one logged and reported
 
@@ -119,6 +120,7 @@ class Subscription(abc.ABC):
             "delivered": self.delivered,
             "failed": self.failed,
             "dropped": self.dropped,
+            "spilled": self.spilled,
             "lag": self.lag,
         }
 
@@ -192,6 +194,7 @@ class _QueuedSubscription(Subscription):
         queue = self._queue
         if self._spill is not None:
             self._spill.append(event)
+            self.spilled += 1
         elif len(queue) < self.maxsize:
             queue.append(event)
         elif self.overflow == "block":
@@ -204,6 +207,7 @@ class _QueuedSubscription(Subscription):
         else:
             self._spill = _Spill(self.bus.spill_dir, self.name)
             self._spill.append(event)
+            self.spilled += 1
         if self._idle:
             self._idle = False
             self._idle_event = anyio.Event()
