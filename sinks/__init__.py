@@ -11,7 +11,7 @@ its own, an ``async def write`` on the event loop.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -40,6 +40,9 @@ class Sink(abc.ABC):
       ``"block"``); ``bus.subscribe`` arguments override them.
     - ``linger``: the least seconds between two writes while events keep coming
       (default: the bus's, 20 ms); 0 writes each batch as soon as it can.
+    - ``accepts``: ``None``, or a cheap ``accepts(event) -> bool`` the bus calls on
+      the publishing thread; an event it refuses is never queued for the sink (so
+      a sink that lags does not hold, nor spill to disk, what it would discard).
 
     ``bus`` is set by the bus that runs the sink before ``start()`` is called,
     so a sink can read ``bus.run_id`` and ``bus.address``.
@@ -50,6 +53,7 @@ class Sink(abc.ABC):
     maxsize: ClassVar[int | None] = None
     overflow: ClassVar[str | None] = None
     linger: ClassVar[float | None] = None
+    accepts: Callable[[Event], bool] | None = None
     bus: EventBus | None = None
 
     def start(self) -> Any:

@@ -209,6 +209,10 @@ class RabbitMQ(Sink):
         }
         self.process = parse_bool("process", True if given["process"] is None else given["process"])
         self.forwarded = parse_bool("forwarded", given["forwarded"] or False)
+        if not self.forwarded:
+            # The bus then never queues the workers' events for this sink: a
+            # publisher that lags would otherwise spill them to disk to drop them.
+            self.accepts = self._is_own
         self._backend: Backend = self._make_backend(plain, backend_options, given["spool"] is None)
         self._start_lock = threading.Lock()
         self._started = False
@@ -261,6 +265,11 @@ class RabbitMQ(Sink):
     def _message_format(self) -> dict[str, str]:
         """What the publisher child needs to make the messages as ``_encode`` does."""
         return {"id_prefix": f"{self.run_id}:", "routing_key": self.routing_key.template}
+
+    def _is_own(self, event: Event) -> bool:
+        """Whether ``event`` is this sink's scheduler's own, not one a worker forwarded."""
+        bus = self.bus
+        return bus is None or event.source == "scheduler" or event.source == bus.address
 
     def _own(self, batch: Sequence[Event]) -> Sequence[Event]:
         """``batch`` without the events workers forwarded to this sink's scheduler."""

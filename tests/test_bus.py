@@ -272,6 +272,21 @@ async def test_spill_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
     assert bus.stats()["slow"]["spilled"] == n - 1 - 100  # a total, not what waits
 
 
+async def test_what_a_sinks_accepts_refuses_is_never_queued_nor_spilled(tmp_path: Path) -> None:
+    sink = GatedSink()
+    sink.accepts = lambda event: event.seq % 2 == 1  # type: ignore[assignment]
+    async with EventBus(spill_dir=str(tmp_path)) as bus:
+        bus.subscribe(sink, name="odd", maxsize=10, overflow="spill")
+        await hold_first_batch(bus, sink)
+        bus.publish_many([tt(i) for i in range(2, 101)])
+        # 49 odd events wait (seq 3..99): 10 in the queue, 39 spilled; no even one.
+        assert bus.stats()["odd"]["lag"] == 49
+        assert bus.stats()["odd"]["spilled"] == 39
+        sink.gate.set()
+        await bus.drain()
+    assert seqs(sink.events) == list(range(1, 101, 2))
+
+
 async def test_a_sink_chooses_its_queue_size_and_overflow(tmp_path: Path) -> None:
     """``maxsize`` / ``overflow`` attributes of the sink stand when subscribe gives none."""
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import attrs
 import orjson
 import pytest
 
@@ -33,6 +34,7 @@ from rabbitmq_node import RabbitNode, free_port
 from sluice import Client, Scheduler, Worker
 from sluice._amqp_spool import Spool, SpoolInUseError, decode_line, encode_line
 from sluice._amqp_url import RoutingKey, default_spool_dir
+from sluice.bus import EventBus
 from sluice.events import Event, TaskTransition, WorkerAdded
 from sluice.replay import read_events
 from sluice.sinks.rabbitmq import DEFAULT_QUEUE, RabbitMQ
@@ -839,6 +841,32 @@ def test_publisher_process_outlives_a_ctrl_c_to_its_process_group(
     assert child.returncode == 0
     ids = [m[0] for m in drain(SHARED_URL, shared_queue)]
     assert ids == [f"r:{i}" for i in range(1, 201)]
+
+
+@pytest.mark.anyio
+async def test_the_bus_never_queues_the_workers_events_for_a_sink_of_the_schedulers_own(
+    tmp_path: Path,
+) -> None:
+    # A publisher that lags would otherwise have its queue spill them to disk, only
+    # for write() to drop them. Nothing is started: no broker is needed.
+    mine = RabbitMQ(SHARED_URL, queue="q", spool=tmp_path / "a", run_id="r", process=False)
+    every = RabbitMQ(
+        SHARED_URL, queue="q", spool=tmp_path / "b", run_id="r", process=False, forwarded=True
+    )
+    own = TaskTransition(seq=1, key="k", start="waiting", finish="processing")
+    forwarded = attrs.evolve(own, seq=2, source="tcp://127.0.0.1:4000")
+    held: dict[str, int] = {}
+    async with EventBus(address="tcp://127.0.0.1:8786") as bus:
+        for sink in (mine, every):
+            sink.write = lambda batch: None  # type: ignore[method-assign]
+            bus.subscribe(sink, name=f"forwarded={sink.forwarded}")
+        bus.publish_many([own, forwarded, attrs.evolve(own, seq=3, source=bus.address)])
+        held = {name: stats["lag"] for name, stats in bus.stats().items()}
+        await bus.drain()
+        delivered = {name: stats["delivered"] for name, stats in bus.stats().items()}
+    assert held == {"forwarded=False": 2, "forwarded=True": 3}
+    assert delivered == held
+    assert every.accepts is None
 
 
 def test_sinks_sharing_the_default_spool_each_get_a_slot_of_their_own(

@@ -169,6 +169,9 @@ class _QueuedSubscription(Subscription):
         linger: float = 0.0,
     ) -> None:
         super().__init__(bus, consumer, name, kinds)
+        # The sink's own filter, if it has one: what it would discard is never
+        # queued, so it neither takes room in the queue nor gets spilled.
+        self._accepts: Callable[[Event], bool] | None = getattr(consumer, "accepts", None)
         self.maxsize = maxsize
         self.linger = linger
         self._last_write = -math.inf
@@ -191,6 +194,8 @@ class _QueuedSubscription(Subscription):
     # -- publisher side (event loop thread) ----------------------------------
 
     def deliver(self, event: Event) -> None:
+        if self._accepts is not None and not self._accepts(event):
+            return
         queue = self._queue
         if self._spill is not None:
             self._spill.append(event)
