@@ -91,9 +91,11 @@ class ProcessBackend:
         self._outbox_events = 0
         self._outbox_cond = threading.Condition()
         # The child holds up to max_memory events and spools the rest; this process
-        # only keeps what the pipe has not taken yet. Past that, write() waits on
-        # the bus's sink thread and the bus spills (the sink's overflow).
-        self._max_outbox = min(int(limits.get("max_memory", 100_000)), 20_000)
+        # keeps what the pipe has not taken yet, up to max_memory too (encoded, ~100
+        # bytes an event): a child starved of CPU by a busy scheduler reads slowly,
+        # and past this write() waits on the bus's sink thread and the bus spills
+        # (the sink's overflow), which pickles every event in the scheduler.
+        self._max_outbox = int(limits.get("max_memory", 100_000))
         self._feeder: threading.Thread | None = None
 
     # -- the sink's backend interface ------------------------------------------------
