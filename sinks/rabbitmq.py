@@ -272,12 +272,11 @@ class RabbitMQ(Sink):
         return bus is None or event.source == "scheduler" or event.source == bus.address
 
     def _own(self, batch: Sequence[Event]) -> Sequence[Event]:
-        """``batch`` without the events workers forwarded to this sink's scheduler."""
-        bus = self.bus
-        if self.forwarded or bus is None:
+        """``batch`` without the events workers forwarded to this sink's scheduler: a
+        bus has left them out already (``accepts``), a direct ``write`` may not have."""
+        if self.forwarded or self.bus is None:
             return batch
-        own = ("scheduler", bus.address)
-        return [e for e in batch if e.source in own]
+        return [e for e in batch if self._is_own(e)]
 
     # -- Sink interface ----------------------------------------------------------------
 
