@@ -13,11 +13,14 @@ byte for byte. On a machine with a core to spare the child's work runs beside
 the scheduler rather than in it (docs/performance.md).
 
 Replies come back on a second pipe: ``("ready",)`` once the sink started,
-``("ok",)`` for each ``flush`` and ``close``, and ``("error", text)`` when the sink
-failed. A failure is raised in this process from the next ``write``, ``flush``
-or ``close``, once, so the bus logs it and counts it as the in-process sink's would
-be; the child gives that sink nothing more (the event log then stays a prefix of
-the run, as it does in-process) while its other sinks go on. A child that dies
+``("ok",)`` for each batch written and each ``flush`` and ``close``, and
+``("error", text)`` when a sink failed. ``write`` returns once the child wrote
+the batch, as the in-process sink's ``write`` would: when the bus is drained,
+the files hold every event (the scheduler's catch-up reads its event log back).
+A failure is raised in this process from that ``write`` (or ``flush``, ``close``),
+once, so the bus logs it and counts it as the in-process sink's would be; the
+child gives that sink nothing more (the event log then stays a prefix of the
+run, as it does in-process) while its other sinks go on. A child that dies
 is not restarted: its sinks' writes fail from then on, each with a one-line
 error naming the exit code.
 """
@@ -103,9 +106,13 @@ class ChildSink:
                     self._conn().send_bytes(data)
                 except (OSError, ValueError):
                     self._dead = self._gone()
+                else:
+                    # Written when this returns, as the in-process sink's would be: a
+                    # drained bus means a complete file (catch-up reads the event log).
+                    errors += self._read_up("ok", "write")
             if self._dead is not None:
                 self._raise(errors, f"{len(batch)} events from seq {batch[0].seq} on not written")
-            # A failure of an earlier batch: this one went to the child's other sinks.
+            # The failing sink wrote nothing of this batch; the child's others did.
             self._raise(errors, "it writes nothing more")
 
     def flush(self) -> None:
@@ -277,6 +284,7 @@ def _serve(
             up.send(("ok",))
         else:
             each("write", decode_batch(data))
+            up.send(("ok",))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
