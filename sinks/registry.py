@@ -11,9 +11,13 @@ A spec names a sink and, after a colon, where it writes::
 
 A path may also be given relative (``json-log:run.json``). ``eventlog`` takes
 ``?fsync=batch|close|never`` and ``?rotate-bytes=N``. Both file sinks take
-``?process=true``: the sink then runs in a child process of its own
-(:mod:`sluice.sinks._child`), off the scheduler's GIL; a service's
-``process=true`` sinks share one child.
+``?process=true|false``: with true the sink runs in a child process
+(:mod:`sluice.sinks._child`), off the GIL of the service's event loop; a
+service's such sinks share one child. The default is the service's
+``sluice.<service>.file-sinks-in-child`` (true on the scheduler, whose one
+process every task goes through; false on a worker; false where no service is
+named). A JSON log to ``stderr`` or ``stdout`` stays in the process unless
+``process=true``: its lines then keep their place among the service's own.
 
 Other packages add sinks with the entry-point group ``sluice.sinks``: the
 entry point's name is the spec's scheme and its object a callable taking the
@@ -29,11 +33,21 @@ Built-in names cannot be overridden. Every error is a :class:`SinkSpecError`
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ("ENTRY_POINT_GROUP", "SinkSpecError", "available", "sink_from_spec")
+__all__ = (
+    "ENTRY_POINT_GROUP",
+    "SinkSpecError",
+    "available",
+    "event_log_sink",
+    "files_in_child",
+    "sink_from_spec",
+    "sinks_from_config",
+)
 
 ENTRY_POINT_GROUP = "sluice.sinks"
 
@@ -62,25 +76,39 @@ def _path_of(spec: str, target: str) -> tuple[str, dict[str, str]]:
     return path, query
 
 
-def _counter(spec: str, target: str) -> Any:
+def _counter(spec: str, target: str, _in_child: bool) -> Any:
     from sluice.sinks.counter import Counter
 
     _no_target(spec, "counter", target)
     return Counter()
 
 
-def _errors(spec: str, target: str) -> Any:
+def _errors(spec: str, target: str, _in_child: bool) -> Any:
     from sluice.sinks.errors import ErrorLogger
 
     _no_target(spec, "errors", target)
     return ErrorLogger()
 
 
-def _process_option(query: dict[str, str]) -> bool:
+def _process_option(query: dict[str, str], default: bool) -> bool:
     """Take ``process=true|false`` out of ``query`` (a bad value: ``ValueError``)."""
     from sluice._amqp_url import parse_bool  # the RabbitMQ sink's own flags read the same
 
-    return parse_bool("process", query.pop("process", "false"))
+    value = query.pop("process", None)
+    return default if value is None else parse_bool("process", value)
+
+
+def files_in_child(service: str | None) -> bool:
+    """Whether ``service``'s file sinks run in a child unless their spec says.
+
+    ``sluice.<service>.file-sinks-in-child``; false for a service without the key
+    (and for ``None``: a spec built outside any service).
+    """
+    if service is None:
+        return False
+    from sluice import config
+
+    return bool(config.get(f"sluice.{service}.file-sinks-in-child", False))
 
 
 def _in_child(spec: str, sink: Any) -> Any:
@@ -93,16 +121,17 @@ def _in_child(spec: str, sink: Any) -> Any:
     return ChildSink([inner.geturl()], name=sink.name, kinds=sink.kinds)
 
 
-def _json_log(spec: str, target: str) -> Any:
+def _json_log(spec: str, target: str, in_child: bool) -> Any:
     from sluice.sinks.jsonlog import JsonLog
 
     where, _, options = target.partition("?")
     if where in ("", "stderr", "stdout"):
         query = dict(urllib.parse.parse_qsl(options, keep_blank_values=True))
         path = where or "stderr"
+        in_child = False  # unless asked: its lines stay among the service's own
     else:
         path, query = _path_of(spec, target)
-    process = _process_option(query)
+    process = _process_option(query, in_child)
     if query:
         raise SinkSpecError(
             f"sink spec {spec!r}: json-log takes no options but process ({sorted(query)})"
@@ -111,11 +140,11 @@ def _json_log(spec: str, target: str) -> Any:
     return _in_child(spec, sink) if process else sink
 
 
-def _eventlog(spec: str, target: str) -> Any:
+def _eventlog(spec: str, target: str, in_child: bool) -> Any:
     from sluice.sinks.eventlog import EventLog, FsyncPolicy
 
     path, query = _path_of(spec, target)
-    process = _process_option(query)
+    process = _process_option(query, in_child)
     fsync: FsyncPolicy = "batch"
     rotate: int | None = None
     for name, value in query.items():
@@ -142,7 +171,7 @@ def _eventlog(spec: str, target: str) -> Any:
     return _in_child(spec, sink) if process else sink
 
 
-def _rabbitmq(spec: str, target: str) -> Any:
+def _rabbitmq(spec: str, target: str, _in_child: bool) -> Any:
     try:
         from sluice.sinks.rabbitmq import RabbitMQ
     except ImportError as exc:
@@ -150,7 +179,7 @@ def _rabbitmq(spec: str, target: str) -> Any:
     return RabbitMQ.from_url(spec)
 
 
-_BUILTIN: dict[str, Callable[[str, str], Any]] = {
+_BUILTIN: dict[str, Callable[[str, str, bool], Any]] = {
     "counter": _counter,
     "errors": _errors,
     "json-log": _json_log,
@@ -170,16 +199,21 @@ def available() -> list[str]:
     return [*_BUILTIN, *extra]
 
 
-def sink_from_spec(spec: str) -> Any:
-    """Build the sink ``spec`` describes; :class:`SinkSpecError` if it cannot."""
+def sink_from_spec(spec: str, *, service: str | None = None) -> Any:
+    """Build the sink ``spec`` describes; :class:`SinkSpecError` if it cannot.
+
+    ``service`` (``"scheduler"``, ``"worker"``): whose sink it is, for the
+    default of a file sink's ``process`` option (:func:`files_in_child`).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise SinkSpecError(f"a sink spec must be a non-empty string, not {spec!r}")
     spec = spec.strip()
     name, _, target = spec.partition(":")
     builtin = _BUILTIN.get(name)
     if builtin is not None:
+        in_child = files_in_child(service)  # a bad config value is its own error
         try:
-            return builtin(spec, target)
+            return builtin(spec, target, in_child)
         except SinkSpecError:
             raise
         except ValueError as exc:
@@ -205,12 +239,13 @@ def sink_from_spec(spec: str) -> Any:
         ) from None
 
 
-def sinks_from_config(service: str, sinks: Any) -> list[Any]:
+def sinks_from_config(service: str, sinks: Any, *, first: Sequence[Any] = ()) -> list[Any]:
     """The sinks a service was given, else ``sluice.<service>.sinks``; specs built.
 
     ``sinks`` is ``None`` (use the configuration), one spec or sink, or a list
     of specs and sink objects. Specs are built now, so a bad one fails before
-    the service opens any port.
+    the service opens any port. ``first``: sinks of the service's own to put
+    before them (the scheduler's event log), sharing their child if hosted.
     """
     if sinks is None:
         from sluice import config
@@ -218,8 +253,24 @@ def sinks_from_config(service: str, sinks: Any) -> list[Any]:
         sinks = config.get(f"sluice.{service}.sinks", None) or []
     if isinstance(sinks, str) or hasattr(sinks, "write"):
         sinks = [sinks]
-    built = [sink_from_spec(s) if isinstance(s, str) else s for s in sinks]
-    return _share_child(built)
+    built = [sink_from_spec(s, service=service) if isinstance(s, str) else s for s in sinks]
+    return _share_child([*first, *built])
+
+
+def event_log_sink(path: str | os.PathLike[str], *, service: str = "scheduler") -> Any:
+    """The sink of ``--event-log PATH``: an :class:`EventLog`, in a child process
+    if the service's file sinks are (:func:`files_in_child`).
+
+    The log is built here either way, so that one that exists fails now, with
+    the EventLog's own message.
+    """
+    from sluice.sinks.eventlog import EventLog
+
+    sink = EventLog(path)
+    if not files_in_child(service):
+        return sink
+    absolute = urllib.parse.quote(os.fspath(Path(path).absolute()))
+    return _in_child(f"eventlog://{absolute}", sink)
 
 
 def _share_child(sinks: list[Any]) -> list[Any]:

@@ -301,3 +301,50 @@ os.kill(os.getpid(), signal.SIGKILL)
         finally:
             os.close(pidfd)
     assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == list(range(1, 2002))
+
+
+# -- where a service's file sinks run by default ---------------------------------------------
+
+
+def test_the_schedulers_file_sinks_and_event_log_share_one_child_by_default(
+    tmp_path: Path,
+) -> None:
+    from sluice.scheduler import Scheduler
+
+    s = Scheduler(
+        event_log=tmp_path / "run.jsonl",
+        sinks=["counter", f"json-log://{tmp_path}/a.json", "json-log:stderr"],
+    )
+    subs = list(s.bus.subscriptions.values())
+    hosted = [sub.consumer for sub in subs if isinstance(sub.consumer, ChildSink)]
+    # The event log is subscribed first of the sinks (it starts at seq 1), in the child.
+    [child] = hosted
+    assert subs[1].consumer is child and child.name == "eventlog+json-log"
+    assert child.specs == [f"eventlog:{tmp_path}/run.jsonl", f"json-log:{tmp_path}/a.json"]
+    assert {"counter", "json-log"} <= {sub.name for sub in subs}  # stderr stays here
+
+
+def test_process_false_or_the_config_keeps_file_sinks_in_the_process(tmp_path: Path) -> None:
+    from sluice.scheduler import Scheduler
+    from sluice.sinks.eventlog import EventLog
+    from sluice.sinks.jsonlog import JsonLog
+
+    spec = f"json-log://{tmp_path}/a.json"
+    assert type(sink_from_spec(spec, service="scheduler")) is ChildSink
+    for built in (
+        sink_from_spec(f"{spec}?process=false", service="scheduler"),
+        sink_from_spec(spec, service="worker"),  # a worker's CPU is for its tasks
+        sink_from_spec(spec),  # no service: as written
+    ):
+        assert type(built) is JsonLog
+    with config.set({"sluice.scheduler.file-sinks-in-child": False}):
+        s = Scheduler(event_log=tmp_path / "run.jsonl", sinks=[spec])
+        kinds = [type(sub.consumer) for sub in s.bus.subscriptions.values()]
+        assert kinds[1:] == [EventLog, JsonLog]
+    with config.set({"sluice.worker.file-sinks-in-child": True}):
+        assert type(sink_from_spec(spec, service="worker")) is ChildSink
+    with (
+        config.set({"sluice.scheduler.file-sinks-in-child": "yes"}),
+        pytest.raises(config.ConfigError, match="file-sinks-in-child must be true or false"),
+    ):
+        Scheduler(sinks=[spec])

@@ -45,6 +45,10 @@ DEFAULTS: dict[str, Any] = {
             "preload": [],
             "preload-argv": [],
             "sinks": [],
+            # Its file sinks (json-log to a file, eventlog, --event-log) run in a
+            # child process unless their spec says process=false: off the GIL of
+            # the one process every task goes through.
+            "file-sinks-in-child": True,
             # Tasks per worker thread before root tasks wait on the scheduler
             # (SchedulerState's worker_saturation); .inf sends everything at once.
             "worker-saturation": 1024.0,
@@ -53,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
             "preload": [],
             "preload-argv": [],
             "sinks": [],
+            "file-sinks-in-child": False,
             "forward-events": True,
         },
         "nanny": {"preload": [], "preload-argv": []},
@@ -209,6 +214,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "preload-strict": (lambda v: isinstance(v, bool), "true or false"),
     "sinks": (_is_sinks, "a sink spec or a list of sink specs"),
     "forward-events": (lambda v: isinstance(v, bool), "true or false"),
+    "file-sinks-in-child": (lambda v: isinstance(v, bool), "true or false"),
     "child-nice": (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 19,
         "a whole number from 0 to 19",

@@ -80,7 +80,7 @@ from sluice.preload import (
     teardown_preloads,
 )
 from sluice.security import Security
-from sluice.sinks.registry import sink_from_spec, sinks_from_config
+from sluice.sinks.registry import event_log_sink, sink_from_spec, sinks_from_config
 
 __all__ = ("Scheduler",)
 
@@ -135,8 +135,6 @@ class Scheduler(SchedulerServing):
         self.heartbeat_timeout = heartbeat_timeout
         self.scheduler_file = Path(scheduler_file) if scheduler_file is not None else None
         self.event_log = Path(event_log) if event_log is not None else None
-        # Built now (specs and config included): a bad sink spec fails before any port.
-        sink_objects = sinks_from_config("scheduler", sinks)
         #: ``tcp://host:port`` once :meth:`start` has bound the port.
         self.address = ""
         if worker_saturation is None:
@@ -169,9 +167,8 @@ class Scheduler(SchedulerServing):
         self.bus.subscribe(
             self._forget_bytes, name="scheduler-forget", kinds=("task-transition", "restarted")
         )
+        log: list[Any] = []
         if self.event_log is not None:
-            from sluice.sinks.eventlog import EventLog
-
             # The log is what makes the run replayable: a folder it cannot be written
             # in fails here, before any port, not at the first event.
             folder = self.event_log.absolute().parent
@@ -185,9 +182,11 @@ class Scheduler(SchedulerServing):
             if not os.access(folder, os.W_OK):
                 raise OSError(f"cannot write the event log {self.event_log}: {folder} is read-only")
 
-            # Subscribed before anything is published: the log starts at seq 1.
-            self.bus.subscribe(EventLog(self.event_log, run_id=self.bus.run_id))
-        for sink in sink_objects:
+            log.append(event_log_sink(self.event_log))
+        # Built now (specs and config included): a bad sink spec fails before any port.
+        # The log goes first, subscribed before anything is published: it starts at
+        # seq 1. In a child (the default) it shares the one of the file sinks.
+        for sink in sinks_from_config("scheduler", sinks, first=log):
             self.add_sink(sink)
         for plugin in plugins:
             self.add_plugin(plugin)
@@ -476,7 +475,7 @@ class Scheduler(SchedulerServing):
         """Subscribe a sink to the scheduler's bus: an object with ``write(batch)``,
         or a spec such as ``"json-log:stderr"`` (see :mod:`sluice.sinks.registry`)."""
         if isinstance(sink, str):
-            sink = sink_from_spec(sink)
+            sink = sink_from_spec(sink, service="scheduler")
         return self.bus.subscribe(sink, **subscribe_opts)
 
     # -- plugins -------------------------------------------------------------------------

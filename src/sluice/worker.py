@@ -438,7 +438,7 @@ class Worker(WorkerPlugins):
     def add_sink(self, sink: Any, **options: Any) -> Any:
         """Subscribe a sink (object or spec, as for the scheduler) to this worker's bus."""
         if isinstance(sink, str):
-            sink = sink_from_spec(sink)
+            sink = sink_from_spec(sink, service="worker")
         return self.bus.subscribe(sink, **options)
 
     # -- the state machine ------------------------------------------------------------------
