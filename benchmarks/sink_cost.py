@@ -41,8 +41,13 @@ SETS: dict[str, tuple[str, ...]] = {
     "json-log to a file": ("json",),
     "event log": ("eventlog",),
     "RabbitMQ (child process)": ("rabbitmq",),
-    "all four": ("counter", "json", "eventlog", "rabbitmq"),
-    "all four, file sinks in a child (process=true)": (
+    "all four, file sinks in this process (process=false)": (
+        "counter",
+        "json",
+        "eventlog",
+        "rabbitmq",
+    ),
+    "all four, as the scheduler runs them (file sinks in a child)": (
         "counter",
         "json",
         "eventlog",
@@ -82,13 +87,9 @@ def make_sinks(parts: tuple[str, ...], tmp: Path, amqp: str, queue: str) -> list
     if "counter" in parts:
         sinks.append(Counter())
     if "child" in parts:
-        # The two file sinks in one child process, as a service builds them.
+        # The two file sinks in one child process, as the scheduler builds them.
         sinks += sinks_from_config(
-            "scheduler",
-            [
-                f"json-log://{tmp}/events.json?process=true",
-                f"eventlog://{tmp}/events.jsonl?process=true",
-            ],
+            "scheduler", [f"json-log://{tmp}/events.json", f"eventlog://{tmp}/events.jsonl"]
         )
     else:
         if "json" in parts:

@@ -13,15 +13,16 @@ its pipe, the broker's confirms in), so no run pays for another's work; a sink
 that lags a run (the niced publisher child) still does its work after it, as in
 ``sinks.py``.
 
-``--sinks``: ``defaults`` (the JSON log and the event log in-process, RabbitMQ
-from its child process) or ``file-child`` (the file sinks in a child too,
-``process=true``). ``--pin`` starts a RabbitMQ node of the script's own on the
+``--sinks``: ``defaults`` (the JSON log and the event log in the scheduler's
+child for file sinks, RabbitMQ from its own child process) or ``in-process`` (the
+file sinks in the scheduler's process, ``sluice.scheduler.file-sinks-in-child:
+false``). ``--pin`` starts a RabbitMQ node of the script's own on the
 last core and runs the clusters on the others; ``--beside-broker`` then moves
 the sinks' children to the broker's core (a scheduler machine with a core to
 spare for them). Without ``--pin`` the shared broker at ``--amqp`` is used.
 
 Run: ``.venv/bin/python benchmarks/sink_pairs.py [--pairs 10] [--tasks 10000]
-[--sinks defaults|file-child] [--pin [--beside-broker]]``.
+[--sinks defaults|in-process] [--pin [--beside-broker]]``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--sinks", choices=("defaults", "file-child"), default="defaults")
+    parser.add_argument("--sinks", choices=("defaults", "in-process"), default="defaults")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument(
         "--pin", action="store_true", help="a broker of this run's own on the last core"
@@ -79,7 +80,7 @@ def main() -> None:
         import pika  # noqa: F401
     except ImportError:
         sys.exit("needs the rabbitmq extra: pip install -e '.[rabbitmq]'")
-    parts = (*ALL, "rabbitmq", *(("child",) if args.sinks == "file-child" else ()))
+    parts = (*ALL, "rabbitmq", *(("in-process",) if args.sinks == "in-process" else ()))
     where = ", children on the broker's core" if args.beside_broker else ""
     label = f"all sinks ({args.sinks}{where})"
     queue = f"sluice-bench-pairs-{uuid.uuid4().hex[:8]}"

@@ -5,11 +5,12 @@ independent ``inc``, default 10,000; worker event forwarding on):
 
 1. sluice with no sinks;
 2. sluice with every built-in sink on, with their defaults: ``counter``, a JSON
-   log to a file, the event log, and RabbitMQ (a queue on the broker at
-   ``--amqp``; the scheduler's own transitions, published from a child process);
-   then the same with the RabbitMQ sink publishing from a thread
-   (``process=false``), and with the JSON log and the event log in a child
-   process of their own (``process=true``);
+   log to a file, the event log (``event_log=``, as ``--event-log``), both
+   written from one child process (the scheduler's default), and RabbitMQ (a
+   queue on the broker at ``--amqp``; the scheduler's own transitions, published
+   from a child process); then the same with the RabbitMQ sink publishing from a
+   thread (``process=false``), and with the JSON log and the event log in the
+   scheduler's process (``sluice.scheduler.file-sinks-in-child: false``);
 3. sluice with one sink at a time, to show where the cost is (skip with
    ``--no-breakdown``);
 4. Dask distributed with no plugin;
@@ -31,9 +32,10 @@ queue is declared (see ``docs/rabbitmq.md``). With ``--pin`` it starts
 such a node on the machine's last core and runs every cluster (sluice's and Dask's,
 the RabbitMQ publisher child included) on the other cores: the broker as if on a
 machine of its own, so the ratios show what the sinks cost the cluster itself;
-it adds runs with the publisher child moved to the broker's core (as if the
-scheduler's machine had a core to spare for it), with and without the workers'
-events forwarded, and one with the file sinks' child moved there too.
+it adds runs with the sinks' children moved to the broker's core (as if the
+scheduler's machine had a core to spare for them), with and without the workers'
+events forwarded, and one with the file sinks in the scheduler's process and the
+publisher child alone moved there.
 The clusters then have one core fewer: compare ratios, not rates, with a run
 without ``--pin``.
 
@@ -95,21 +97,22 @@ def run_flat(client: Any, n: int) -> float:
     return n / elapsed
 
 
-def move_publisher(cores: set[int]) -> None:
-    """Run the RabbitMQ publisher child and the file sinks' child, if there is one
-    (every thread of them), on ``cores``."""
+def move_publisher(cores: set[int], children: set[str]) -> None:
+    """Run the sinks' children (every thread of them) on ``cores``: ``children`` names
+    the modules they run, ``sluice._amqp_process`` and ``sluice.sinks._child``."""
     import psutil
 
-    moved = False
+    moved: set[str] = set()
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if {"sluice._amqp_process", "sluice.sinks._child"} & set(child.cmdline()):
+            found = children & set(child.cmdline())
+            if found:
                 for thread in child.threads():
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(thread.id, cores)
-                moved = True
-    if not moved:
-        raise SystemExit("no RabbitMQ publisher child to move")
+                moved |= found
+    if moved != children:
+        raise SystemExit(f"no child process running {sorted(children - moved)} to move")
 
 
 def measure(client: Any, n: int, repeats: int, accounts: dict[str, float] | None = None) -> float:
@@ -201,27 +204,25 @@ def sluice_cluster(
     publisher_cores: set[int] | None = None,
 ) -> Any:
     """A :class:`SinkCluster` of 2 worker processes x 1 thread with the sinks named in
-    ``parts`` (counter, json, eventlog, rabbitmq, rabbitmq-thread; child: the file
-    sinks in a child process). ``forward``: whether workers forward their events to
-    the scheduler. ``publisher_cores``: the cores to move the sinks' children to."""
+    ``parts`` (counter, json, eventlog, rabbitmq, rabbitmq-thread; in-process: the
+    file sinks in the scheduler's process rather than its child). ``forward``:
+    whether workers forward their events to the scheduler. ``publisher_cores``: the
+    cores to move the sinks' children to."""
     import sluice.config
     from sluice._tuning import tune_process
     from sluice.client import Client
     from sluice.deploy import LocalCluster
+    from sluice.sinks._child import ChildSink
 
     tune_process()
     sinks: list[Any] = []
     rabbit = None
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        # "child": the file sinks run in a child process (``process=true``).
-        child = "?process=true" if "child" in parts else ""
-        event_log = Path(tmp) / "events.jsonl" if "eventlog" in parts and not child else None
+        event_log = Path(tmp) / "events.jsonl" if "eventlog" in parts else None
         if "counter" in parts:
             sinks.append("counter")
         if "json" in parts:
-            sinks.append(f"json-log://{tmp}/events.json{child}")
-        if "eventlog" in parts and child:
-            sinks.append(f"eventlog://{tmp}/events.jsonl{child}")
+            sinks.append(f"json-log://{tmp}/events.json")
         for mode in ("rabbitmq", "rabbitmq-thread"):
             if mode in parts:
                 from sluice.sinks.rabbitmq import RabbitMQ
@@ -236,14 +237,23 @@ def sluice_cluster(
             n_workers=2, threads_per_worker=1, processes=True, sinks=sinks, event_log=event_log
         )
         with (
-            sluice.config.set({"sluice.worker.forward-events": forward}),
+            sluice.config.set(
+                {
+                    "sluice.worker.forward-events": forward,
+                    "sluice.scheduler.file-sinks-in-child": "in-process" not in parts,
+                }
+            ),
             cluster,
             Client(cluster) as client,
         ):
             if rabbit is not None and publisher_cores is not None:
                 rabbit.start()  # idempotent: the child exists once this returns
-                # The file sinks' child starts with the scheduler's bus, before this.
-                move_publisher(publisher_cores)
+                children = {"sluice._amqp_process"}
+                for sub in cluster.scheduler.bus.subscriptions.values():
+                    if isinstance(sub.consumer, ChildSink):
+                        sub.consumer.start()  # idempotent, as rabbit.start()
+                        children.add("sluice.sinks._child")
+                move_publisher(publisher_cores, children)
             yield SinkCluster(cluster, client, rabbit)
         # The cluster is closed: every sink was drained and closed.
 
@@ -402,13 +412,15 @@ def queue_depth_and_delete(url: str, queue: str) -> int:
 ALL = ("counter", "json", "eventlog")
 NO_SINKS = "sluice, no sinks"
 NO_SINKS_OWN = "sluice, no sinks, workers' events not forwarded"
-BESIDE_BROKER = "sluice, all sinks (RabbitMQ's publisher child on the broker's core)"
-FILE_CHILD = "sluice, all sinks, file sinks in a child process (process=true)"
-BESIDE_BROKER_CHILD = (
-    "sluice, all sinks, file sinks in a child process (both children on the broker's core)"
+DEFAULTS = "sluice, all sinks (defaults: the file sinks' child and RabbitMQ's)"
+BESIDE_BROKER = "sluice, all sinks (both children on the broker's core)"
+IN_PROCESS = "sluice, all sinks, file sinks in the scheduler's process"
+BESIDE_BROKER_IN_PROCESS = (
+    "sluice, all sinks, file sinks in the scheduler's process (publisher child on the"
+    " broker's core)"
 )
 BESIDE_BROKER_OWN = (
-    "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)"
+    "sluice, all sinks, workers' events not forwarded (both children on the broker's core)"
 )
 
 
@@ -513,13 +525,13 @@ def run_all(args: argparse.Namespace) -> None:
     # (label, sinks, whether workers forward their events)
     runs: list[tuple[str, tuple[str, ...], bool]] = [
         (NO_SINKS, (), True),
-        ("sluice, all sinks (defaults: RabbitMQ from a child process)", (*ALL, "rabbitmq"), True),
+        (DEFAULTS, (*ALL, "rabbitmq"), True),
         ("sluice, all sinks (RabbitMQ from a thread)", (*ALL, "rabbitmq-thread"), True),
-        (FILE_CHILD, (*ALL, "rabbitmq", "child"), True),
+        (IN_PROCESS, (*ALL, "rabbitmq", "in-process"), True),
     ]
     if args.pin:
         runs.append((BESIDE_BROKER, (*ALL, "rabbitmq"), True))
-        runs.append((BESIDE_BROKER_CHILD, (*ALL, "rabbitmq", "child"), True))
+        runs.append((BESIDE_BROKER_IN_PROCESS, (*ALL, "rabbitmq", "in-process"), True))
     if not args.no_forwarding_off:
         runs += [
             (NO_SINKS_OWN, (), False),
@@ -556,7 +568,7 @@ def run_all(args: argparse.Namespace) -> None:
                     forward=forward,
                     publisher_cores=(
                         args.broker_cores
-                        if label in (BESIDE_BROKER, BESIDE_BROKER_CHILD, BESIDE_BROKER_OWN)
+                        if label in (BESIDE_BROKER, BESIDE_BROKER_IN_PROCESS, BESIDE_BROKER_OWN)
                         else None
                     ),
                 )

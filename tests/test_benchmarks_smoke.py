@@ -61,14 +61,15 @@ def test_compare_quick_prints_every_row(tmp_path: Path) -> None:
 #: The clusters ``sinks.py --quick --no-breakdown --pin`` runs, one row each.
 SINK_CLUSTERS = (
     "sluice, no sinks",
-    "sluice, all sinks (defaults: RabbitMQ from a child process)",
+    "sluice, all sinks (defaults: the file sinks' child and RabbitMQ's)",
     "sluice, all sinks (RabbitMQ from a thread)",
-    "sluice, all sinks, file sinks in a child process (process=true)",
-    "sluice, all sinks (RabbitMQ's publisher child on the broker's core)",
-    "sluice, all sinks, file sinks in a child process (both children on the broker's core)",
+    "sluice, all sinks, file sinks in the scheduler's process",
+    "sluice, all sinks (both children on the broker's core)",
+    "sluice, all sinks, file sinks in the scheduler's process (publisher child on the"
+    " broker's core)",
     "sluice, no sinks, workers' events not forwarded",
     "sluice, all sinks, workers' events not forwarded",
-    "sluice, all sinks, workers' events not forwarded (publisher child on the broker's core)",
+    "sluice, all sinks, workers' events not forwarded (both children on the broker's core)",
     "Dask, no plugin",
     "Dask, RabbitMQ plugin from its docs",
 )
@@ -145,7 +146,7 @@ def test_sink_pairs_quick_gives_a_ratio_a_pair_and_loses_nothing(tmp_path: Path)
     queue held every scheduler transition (2,100 tasks x 5: the runs and the warm-up)."""
     need_a_pinned_broker()
     script = BENCHMARKS / "sink_pairs.py"
-    args = ["--quick", "--pin", "--beside-broker", "--sinks", "file-child"]
+    args = ["--quick", "--pin", "--beside-broker", "--sinks", "defaults"]
     proc = subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
