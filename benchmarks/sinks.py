@@ -172,6 +172,28 @@ def cpu_by_role() -> dict[str, float]:
     return totals
 
 
+def check_settings(cluster: Any, settings: dict[str, Any]) -> None:
+    """Exit if the running cluster does not have ``settings``: a figure labelled with
+    a configuration it did not run would be worse than none."""
+    from sluice.sinks._child import ChildSink
+    from sluice.sinks.eventlog import EventLog
+    from sluice.sinks.jsonlog import JsonLog
+
+    sinks = [sub.consumer for sub in cluster.scheduler.bus.subscriptions.values()]
+    file_sinks = [s for s in sinks if isinstance(s, (ChildSink, EventLog, JsonLog))]
+    in_child = settings["sluice.scheduler.file-sinks-in-child"]
+    if file_sinks and any(isinstance(s, ChildSink) != in_child for s in file_sinks):
+        raise SystemExit(f"the scheduler's file sinks are not where asked: {file_sinks}")
+
+
+def check_forwarding(cluster: Any, forward: bool) -> None:
+    """Exit unless the scheduler's bus got the workers' events exactly when asked
+    (after a run: its history ring holds the last 10,000 events)."""
+    forwarded = any(e.source != "scheduler" for e in cluster.scheduler.bus.history)
+    if forwarded != forward:
+        raise SystemExit(f"the workers' events {'were' if forwarded else 'were not'} forwarded")
+
+
 class SinkCluster:
     """A running sluice cluster with the sinks of ``parts``, and its client."""
 
@@ -233,19 +255,20 @@ def sluice_cluster(
                     f"{amqp}{sep}queue={queue}&spool={Path(tmp) / 'spool'}&process={process}"
                 )
                 sinks.append(rabbit)
-        cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, sinks=sinks, event_log=event_log
-        )
+        settings = {
+            "sluice.worker.forward-events": forward,
+            "sluice.scheduler.file-sinks-in-child": "in-process" not in parts,
+        }
+        # The settings go around the cluster's construction: a LocalCluster starts in
+        # its constructor, and its workers take their configuration when spawned.
         with (
-            sluice.config.set(
-                {
-                    "sluice.worker.forward-events": forward,
-                    "sluice.scheduler.file-sinks-in-child": "in-process" not in parts,
-                }
-            ),
-            cluster,
+            sluice.config.set(settings),
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, sinks=sinks, event_log=event_log
+            ) as cluster,
             Client(cluster) as client,
         ):
+            check_settings(cluster, settings)
             if rabbit is not None and publisher_cores is not None:
                 rabbit.start()  # idempotent: the child exists once this returns
                 children = {"sluice._amqp_process"}
@@ -277,6 +300,7 @@ def bench_sluice(
         parts, amqp, queue, forward=forward, publisher_cores=publisher_cores
     ) as running:
         rate = measure(running.client, n, repeats, accounts)
+        check_forwarding(running.cluster, forward)
         if running.rabbit is not None:
             # The sink may lag a busy scheduler (that is its job): how long after
             # the last result until the broker had confirmed everything.
