@@ -112,7 +112,7 @@ class ChildSink:
                     errors += self._read_up("ok", "write")
             if self._dead is not None:
                 self._raise(errors, f"{len(batch)} events from seq {batch[0].seq} on not written")
-            # The failing sink wrote nothing of this batch; the child's others did.
+            # A sink of the child failed on this batch; the child's others wrote it.
             self._raise(errors, "it writes nothing more")
 
     def flush(self) -> None:
