@@ -100,7 +100,7 @@ class ChildSink:
         data = encode_batch(batch)
         with self._lock:
             self._start()
-            errors = self._read_up(None, "write")
+            errors: list[str] = []
             if self._dead is None:
                 try:
                     self._conn().send_bytes(data)
@@ -109,7 +109,7 @@ class ChildSink:
                 else:
                     # Written when this returns, as the in-process sink's would be: a
                     # drained bus means a complete file (catch-up reads the event log).
-                    errors += self._read_up("ok", "write")
+                    errors = self._read_up("ok", "write")
             if self._dead is not None:
                 self._raise(errors, f"{len(batch)} events from seq {batch[0].seq} on not written")
             # A sink of the child failed on this batch; the child's others wrote it.
@@ -164,29 +164,27 @@ class ChildSink:
         return self._down
 
     def _command(self, command: bytes, what: str) -> None:
-        errors = self._read_up(None, what)
+        errors: list[str] = []
         if self._dead is None:
             try:
                 self._conn().send_bytes(command)
             except (OSError, ValueError):
                 self._dead = self._gone()
             else:
-                errors += self._read_up("ok", what)
+                errors = self._read_up("ok", what)
         self._raise(errors, f"{what} failed")
 
-    def _read_up(self, until: str | None, what: str) -> list[str]:
-        """The failures the child reported: those waiting now (``until=None``), or all
-        before its ``until`` reply. Marks the child dead if the pipe ends."""
+    def _read_up(self, until: str, what: str) -> list[str]:
+        """The failures the child reported before its ``until`` reply (every request
+        waits for its own, so nothing is left over for the next). Marks the child
+        dead if the pipe ends or no reply comes."""
         errors: list[str] = []
         up = self._up
         if up is None or self._dead is not None:
             return errors
         try:
             while True:
-                if until is None:
-                    if not up.poll():
-                        return errors
-                elif not up.poll(_REPLY_TIMEOUT):
+                if not up.poll(_REPLY_TIMEOUT):
                     self._dead = f"no reply to {what} in {_REPLY_TIMEOUT:.0f} s"
                     return errors
                 reply = up.recv()
