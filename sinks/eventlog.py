@@ -25,6 +25,13 @@ scheduler twice with the same ``--event-log`` therefore fails at startup with
 a one-line message instead of producing one file that mixes two runs (whose
 ``seq`` would restart at 1 in the middle). An existing *empty* file (say, made
 by ``mktemp``) is reused.
+
+The one exception is ``resume=True``: the log of *this* run (its header's
+``run_id`` must be the sink's) is continued after the writer that had it open
+died (the file sinks' child, restarted by its parent, resumes its files so). A
+partial last line is cut off, and the events of the next batches that the log
+already holds (``seq`` not above its last) are skipped, so the log reads as if
+the writer had never stopped.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import orjson
 from sluice._core.logfile import FORMAT, existing_segments, segment_path
 from sluice.events import SCHEMA_VERSION
 from sluice.sinks import Sink
+from sluice.sinks._files import cut_partial_line, fsync_dir, last_line, write_all
 from sluice.sinks._json import event_json
 
 if TYPE_CHECKING:
@@ -65,7 +73,8 @@ class EventLog(Sink):
     ``run_id`` and ``address`` go in the header; by default they are taken
     from the bus the sink runs on (a fresh uuid4 hex / ``None`` without one).
     The header is written at ``start()`` or at the first ``write``, so a sink
-    that is never started leaves no file behind.
+    that is never started leaves no file behind. ``resume=True`` continues this
+    run's log instead of refusing an existing one (see the module doc).
     """
 
     name = "eventlog"
@@ -78,6 +87,7 @@ class EventLog(Sink):
         fsync: FsyncPolicy = "batch",
         run_id: str | None = None,
         address: str | None = None,
+        resume: bool = False,
     ) -> None:
         if fsync not in get_args(FsyncPolicy):
             raise ValueError(f"fsync must be one of 'batch', 'close', 'never', not {fsync!r}")
@@ -88,7 +98,11 @@ class EventLog(Sink):
         self.fsync: FsyncPolicy = fsync
         self._run_id = run_id
         self._address = address
-        self._check_not_exists()
+        self.resume = resume
+        if not resume:
+            self._check_not_exists()
+        # After a resume: the last seq the log already held; events up to it are skipped.
+        self._skip_to = 0
         # The bus calls write/flush/close from worker threads, one at a time,
         # but nothing forbids a user from calling close() concurrently.
         self._lock = threading.Lock()
@@ -135,7 +149,6 @@ class EventLog(Sink):
         """Append ``batch`` with one ``write`` call; fsync per policy."""
         if not batch:
             return
-        data = _encode(batch)
         with self._lock:
             if self._stopped is not None:
                 raise OSError(
@@ -147,6 +160,12 @@ class EventLog(Sink):
             except OSError as exc:
                 self._stop(exc, batch[0].seq)
                 raise
+            if self._skip_to:  # resumed: what the log holds already is not written again
+                batch = [e for e in batch if e.seq > self._skip_to]
+                if not batch:
+                    return
+                self._skip_to = 0  # seqs only grow: no later batch holds a logged one
+            data = _encode(batch)
             # A segment holding only its header is never left: a limit smaller
             # than the header would otherwise leave a trail of empty segments.
             if (
@@ -160,7 +179,7 @@ class EventLog(Sink):
                     self._stop(exc, batch[0].seq)
                     raise
             try:
-                _write_all(f, data)
+                write_all(f, data)
             except OSError as exc:
                 # Disk full or similar, maybe after part of the batch: cut the
                 # partial line off, so the log ends on a whole event.
@@ -217,8 +236,42 @@ class EventLog(Sink):
         if self._closed:
             raise ValueError(f"event log {self.path} is closed")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            resumed = self._resume()
+            if resumed is not None:
+                return resumed
         self._started = time.time()
         return self._open_segment(0)
+
+    def _resume(self) -> IO[bytes] | None:
+        """Reopen this run's log where a writer that died left it; ``None`` if it
+        has no whole header yet (it is then started afresh)."""
+        numbers = [0, *existing_segments(self.path)]
+        n = numbers[-1]
+        last = cut_partial_line(segment_path(self.path, n))
+        if last is None:  # died while writing this segment's header
+            if n == 0:
+                return None
+            self._started = _header(self.path)["started"]
+            self._skip_to = _last_seq(self.path, numbers[:-1])
+            segment_path(self.path, n).unlink()
+            return self._open_segment(n)
+        header = _header(self.path)
+        if header.get("run_id") != self.run_id:
+            raise ValueError(
+                f"event log {self.path} records run {header.get('run_id')!r}, not"
+                f" {self.run_id!r}: it cannot be resumed by this run"
+            )
+        self._started = header.get("started")
+        self._skip_to = _last_seq(self.path, numbers)
+        path = segment_path(self.path, n)
+        f = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across calls
+        self._file = f
+        self._segment = n
+        with open(path, "rb") as segment:
+            self._header_size = len(segment.readline())
+        self._size = f.seek(0, os.SEEK_END)
+        return f
 
     def _open_segment(self, n: int) -> IO[bytes]:
         """Close the open segment (if any) and start segment ``n`` with its header."""
@@ -241,7 +294,7 @@ class EventLog(Sink):
             header["segment"] = n
         data = orjson.dumps(header, option=_NL)
         try:
-            _write_all(f, data)
+            write_all(f, data)
         except BaseException:
             f.close()
             raise
@@ -252,7 +305,7 @@ class EventLog(Sink):
             # Make the new directory entry durable too: a segment that vanished
             # after a power loss would leave a gap the reader rejects.
             os.fsync(f.fileno())
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return f
 
     def _close_segment(self) -> None:
@@ -264,7 +317,7 @@ class EventLog(Sink):
             if self.fsync != "never":
                 os.fsync(f.fileno())
                 if self.fsync == "close":
-                    _fsync_dir(self.path.parent)
+                    fsync_dir(self.path.parent)
         finally:
             f.close()
 
@@ -281,24 +334,26 @@ def _encode(batch: Sequence[Event]) -> bytes:
     return b"\n".join(lines)
 
 
-def _write_all(f: IO[bytes], data: bytes) -> None:
-    """Write all of ``data``: an unbuffered write may write less than asked."""
-    view = memoryview(data)
-    while view:
-        n = f.write(view)
-        if n is None:  # only for non-blocking files, which this never is
-            raise BlockingIOError(f"short write to {f.name}")
-        view = view[n:]
+def _header(path: Path) -> dict[str, Any]:
+    """The header of an existing log's first segment (resume checks it is this run's)."""
+    with open(path, "rb") as f:
+        header = orjson.loads(f.readline())
+    if type(header) is not dict or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sluice event log: it cannot be resumed")
+    return header
 
 
-def _fsync_dir(path: Path) -> None:
-    """Fsync a directory so new entries in it survive a crash (POSIX only)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _last_seq(path: Path, numbers: list[int]) -> int:
+    """The seq of the last event in segments ``numbers`` of the log (0: none).
+
+    Called after :func:`cut_partial_line` made each segment end on a whole line.
+    """
+    for n in reversed(numbers):
+        whole = last_line(segment_path(path, n))
+        line = orjson.loads(whole) if whole is not None else None
+        if type(line) is dict and "format" not in line and type(line.get("seq")) is int:
+            return int(line["seq"])
+    return 0
 
 
 @click.command()

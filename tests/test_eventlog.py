@@ -45,6 +45,7 @@ from sluice.events import (
 )
 from sluice.replay import EventLogError, EventLogReader, read_events, read_header
 from sluice.sinks import Sink
+from sluice.sinks._json import event_json
 from sluice.sinks.eventlog import EventLog
 
 W1 = "tcp://127.0.0.1:40001"
@@ -595,6 +596,91 @@ def test_existing_empty_file_is_reused(tmp_path: Path) -> None:
     path.touch()
     write_log(path, [transitions(2)])
     assert list(read_events(path)) == transitions(2)
+
+
+# -- resume: a writer that died, replaced -------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [0, 1, 25, -1], ids=["whole-lines", "one-byte", "mid-line", "all"])
+def test_a_resumed_log_reads_as_if_its_writer_never_died(tmp_path: Path, cut: int) -> None:
+    # The writer died during its second batch: that batch's first three lines,
+    # and ``cut`` bytes of the fourth, are in the file. The replacement is given
+    # the whole batch again.
+    path = tmp_path / "run.jsonl"
+    written = transitions(20)
+    write_log(path, [written[:10]], run_id="r1")
+    partial = b"".join(event_json(e) + b"\n" for e in written[10:14])
+    end = len(partial) - len(event_json(written[13])) - 1 + cut if cut >= 0 else len(partial)
+    with open(path, "ab") as f:
+        f.write(partial[:end])
+    resumed = EventLog(path, run_id="r1", resume=True)
+    resumed.write(written[10:])
+    resumed.close()
+    reader = EventLogReader(path)
+    assert list(reader) == written
+    assert reader.truncated is None
+
+
+def test_a_resumed_log_skips_a_batch_it_holds_and_writes_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    written = transitions(30)
+    write_log(path, [written[:20]], run_id="r1")
+    resumed = EventLog(path, run_id="r1", resume=True)
+    resumed.write(written[5:20])  # died after writing it, before saying so
+    resumed.write(written[20:])
+    resumed.close()
+    assert list(read_events(path)) == written
+
+
+def test_a_resumed_log_continues_its_last_segment_and_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    written = transitions(60)
+    log = write_log(path, [written[i : i + 5] for i in range(0, 30, 5)], rotate_bytes=1500)
+    segments = len(log.paths)
+    assert segments >= 2
+    resumed = EventLog(path, rotate_bytes=1500, run_id=log.run_id, resume=True)
+    for i in range(30, 60, 5):
+        resumed.write(written[i : i + 5])
+    resumed.close()
+    assert list(read_events(path)) == written
+    assert len(resumed.paths) > segments
+    for seg in resumed.paths:
+        header = orjson.loads(lines_of(seg)[0])
+        assert header["run_id"] == log.run_id and header["started"] == log._started
+
+
+def test_a_resumed_log_redoes_a_segment_whose_header_was_cut(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    written = transitions(20)
+    log = write_log(path, [written[:10], written[10:15]], rotate_bytes=500)
+    last = log.paths[-1]
+    last.write_bytes(lines_of(last)[0][:15])  # died while starting that segment
+    resumed = EventLog(path, rotate_bytes=500, run_id=log.run_id, resume=True)
+    resumed.write(written[10:])
+    resumed.close()
+    reader = EventLogReader(path)
+    assert list(reader) == written
+    assert reader.truncated is None
+
+
+def test_a_resumed_log_that_was_never_started_starts_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(b'{"format": "sluice-ev')  # died writing the first header
+    resumed = EventLog(path, run_id="r1", resume=True)
+    resumed.write(transitions(3))
+    resumed.close()
+    assert list(read_events(path)) == transitions(3)
+    assert read_header(path)["run_id"] == "r1"
+
+
+def test_only_the_same_run_can_resume_a_log(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    write_log(path, [transitions(3)], run_id="first")
+    before = path.read_bytes()
+    resumed = EventLog(path, run_id="second", resume=True)
+    with pytest.raises(ValueError, match=r"records run 'first', not 'second'"):
+        resumed.write(transitions(2, start=4))
+    assert path.read_bytes() == before
 
 
 # -- across processes ---------------------------------------------------------------

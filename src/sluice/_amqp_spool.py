@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from sluice.sinks._files import fsync_dir
 from sluice.sinks._json import event_json
 
 if TYPE_CHECKING:
@@ -105,15 +106,6 @@ def decode_line(line: bytes) -> Message:
 
 def _segment_name(n: int) -> str:
     return f"seg{n:+021d}.jsonl"
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _lock(directory: Path) -> int:
@@ -222,7 +214,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._unread.appendleft(n)
         self.unread_messages += len(messages)
 
@@ -280,7 +272,7 @@ class Spool:
         self._writer = open(self.directory / _segment_name(n), "xb")  # noqa: SIM115
         self._writing = n
         self._written = 0
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _seal(self) -> None:
         writer = self._writer
