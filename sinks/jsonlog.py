@@ -18,7 +18,8 @@ same bytes are spliced from the event's cached JSON (:meth:`Event.to_json`,
 shared with the event log and RabbitMQ): a busy scheduler makes tens of
 thousands of events a second, and building and rendering a dict for each, in
 the scheduler's process, cost it a sixth of its time. A batch is written with a
-single ``write``.
+single ``write``; to a file, unbuffered, so a batch that ``write`` returned
+from is in the file even if the process dies next.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import orjson
 import structlog
 
 from sluice.sinks import Sink
+from sluice.sinks._files import cut_partial_line, write_all
 from sluice.sinks._json import event_json
 
 if TYPE_CHECKING:
@@ -85,6 +87,11 @@ class JsonLog(Sink):
     follow a growing file) or an open binary or text stream. ``logger`` is the
     logger name written in each line. ``processors``: structlog processors run on
     each event's dict before it is rendered.
+
+    ``resume=True`` (a file only) continues the file a writer of the same run
+    left when it died (the file sinks' child, restarted by its parent): a
+    partial last line is cut off, and if the last whole line is an event of
+    the first batch written, the events of that batch up to it are skipped.
     """
 
     name = "json-log"
@@ -95,8 +102,12 @@ class JsonLog(Sink):
         *,
         logger: str = "sluice.events",
         processors: Sequence[Callable[..., Any]] = (),
+        resume: bool = False,
     ) -> None:
         self.target = target
+        self.resume = resume
+        # After a resume: the seq of the file's last line, until the first batch.
+        self._resumed_at: int | None = None
         self.logger = logger
         self.processors = list(processors)
         self._stream: IO[bytes] | None = None
@@ -131,7 +142,9 @@ class JsonLog(Sink):
         elif isinstance(target, (str, os.PathLike)):
             path = Path(target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            stream = path.open("ab")
+            if self.resume:
+                self._resumed_at = _seq_of(cut_partial_line(path))
+            stream = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
             self._owned = True
         else:
             stream = getattr(target, "buffer", target)
@@ -201,11 +214,17 @@ class JsonLog(Sink):
 
     # Sync: writing to a file or a pipe may block, so the bus runs this in a thread.
     def write(self, batch: Sequence[Event]) -> None:
-        render = self.render
-        data = b"".join([render(event) for event in batch])
         with self._lock:
             stream = self._open()
-            stream.write(data)
+            if self._resumed_at is not None:
+                batch = _unwritten(batch, self._resumed_at)
+                self._resumed_at = None
+            render = self.render
+            data = b"".join([render(event) for event in batch])
+            if self._owned:
+                write_all(stream, data)
+            else:
+                stream.write(data)
 
     def flush(self) -> None:
         with self._lock:
@@ -219,6 +238,27 @@ class JsonLog(Sink):
                 if self._owned:
                     self._stream.close()
                 self._stream = None
+
+
+def _seq_of(line: bytes | None) -> int | None:
+    """The ``seq`` field of a JSON log line, if it has one."""
+    if line is None:
+        return None
+    try:
+        fields = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    seq = fields.get("seq") if type(fields) is dict else None
+    return seq if type(seq) is int else None
+
+
+def _unwritten(batch: Sequence[Event], last: int) -> Sequence[Event]:
+    """``batch`` without the events a writer that died wrote of it before: those up to
+    ``last``, the seq of the file's last line, if it is one of the batch's. A last
+    line from before the batch (an earlier batch, an earlier run) skips nothing."""
+    if batch and batch[0].seq <= last <= batch[-1].seq:
+        return [e for e in batch if e.seq > last]
+    return batch
 
 
 @click.command()

@@ -93,6 +93,50 @@ def test_json_log_fast_lines_equal_structlog_rendering() -> None:
     assert json.loads(sink.render(erred))["level"] == "error"
 
 
+def _transitions(first: int, last: int) -> list[TaskTransition]:
+    return [
+        TaskTransition(seq=i, time=1764000000.0 + i, key=("t", i), start="a", finish="b")
+        for i in range(first, last + 1)
+    ]
+
+
+@pytest.mark.parametrize("cut", [0, 30, -1], ids=["whole-lines", "mid-line", "all"])
+def test_a_resumed_json_log_has_each_line_once_and_none_broken(tmp_path: Path, cut: int) -> None:
+    # Yesterday's run, then this run's first batch; its writer died in the second,
+    # with three lines and ``cut`` bytes of the fourth written.
+    path = tmp_path / "run.json"
+    old = JsonLog(path)
+    old.write(_transitions(1, 50))  # an earlier run's seqs: never taken for this one's
+    old.close()
+    first = JsonLog(path)
+    first.write(_transitions(1, 10))
+    first.close()
+    partial = b"".join(first.render(e) for e in _transitions(11, 14))
+    end = len(partial) if cut < 0 else len(partial) - len(first.render(_transitions(14, 14)[0]))
+    with open(path, "ab") as f:
+        f.write(partial[: end + max(cut, 0)])
+    resumed = JsonLog(path, resume=True)
+    resumed.write(_transitions(11, 20))
+    resumed.write(_transitions(21, 22))
+    resumed.close()
+    seqs = [json.loads(line)["seq"] for line in path.read_bytes().splitlines()]
+    assert seqs == [*range(1, 51), *range(1, 23)]
+
+
+def test_a_resumed_json_log_whose_last_line_is_an_earlier_batch_skips_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.json"
+    first = JsonLog(path)
+    first.write(_transitions(1, 10))  # written and acknowledged; died before the next
+    first.close()
+    resumed = JsonLog(path, resume=True)
+    resumed.write(_transitions(11, 20))
+    resumed.close()
+    seqs = [json.loads(line)["seq"] for line in path.read_bytes().splitlines()]
+    assert seqs == list(range(1, 21))
+
+
 def test_json_log_runs_structlog_processors_given() -> None:
     def add_service(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         event_dict["service"] = "billing"
