@@ -14,20 +14,30 @@ the scheduler rather than in it (docs/performance.md).
 
 Replies come back on a second pipe: ``("ready",)`` once the sink started,
 ``("ok",)`` for each batch written and each ``flush`` and ``close``, and
-``("error", text)`` when a sink failed. ``write`` returns once the child wrote
+``("error", index, text)`` when the sink at ``index`` of the specs (``None``:
+building them) failed. ``write`` returns once the child wrote
 the batch, as the in-process sink's ``write`` would: when the bus is drained,
 the files hold every event (the scheduler's catch-up reads its event log back).
 A failure is raised in this process from that ``write`` (or ``flush``, ``close``),
 once, so the bus logs it and counts it as the in-process sink's would be; the
 child gives that sink nothing more (the event log then stays a prefix of the
-run, as it does in-process) while its other sinks go on. A child that dies
-is not restarted: its sinks' writes fail from then on, each with a one-line
+run, as it does in-process) while its other sinks go on.
+
+A child that dies (killed, out of memory) is replaced: the request that found
+it gone starts another child, which builds its sinks with ``resume=True``, and
+is sent again. Every batch before it was written (acknowledged), so only that
+one may be partly in the files: the resumed sinks cut off a partial last line
+and skip the events they already hold, and the files read as if the child had
+never died. A sink that had failed stays out. A child that dies again
+:data:`_MAX_RESTARTS` times in a row, with no batch written in between, is
+not replaced: its sinks' requests fail from then on, each with a one-line
 error naming the exit code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing.connection
 import subprocess
 import sys
@@ -44,10 +54,14 @@ if TYPE_CHECKING:
 
 __all__ = ("ChildSink",)
 
+logger = logging.getLogger("sluice.sinks")
+
 _FLUSH = b"\0flush"
 _CLOSE = b"\0close"
-#: How long a flush or close waits for the child's reply before it gives up.
+#: How long a request waits for the child's reply before it takes the child for dead.
 _REPLY_TIMEOUT = 120.0
+#: Children started in a row, each dead before it wrote a batch, before giving up.
+_MAX_RESTARTS = 3
 
 
 class ChildSinkError(RuntimeError):
@@ -61,12 +75,15 @@ class ChildSink:
     names this subscription as it would the sink itself.
     :func:`~sluice.sinks.registry.sinks_from_config` puts every ``process=true``
     sink of a service in one child: each batch then goes down one pipe once,
-    whatever the number of sinks.
+    whatever the number of sinks. ``restarts``: how many children replaced one
+    that died.
     """
 
     maxsize: int | None = None
     overflow: str | None = None
     linger: float | None = None
+    #: The module the child runs (``python -m``); a test may put another in.
+    module = "sluice.sinks._child"
 
     def __init__(
         self, specs: Sequence[str], *, name: str, kinds: frozenset[str] | None = None
@@ -75,10 +92,14 @@ class ChildSink:
         self.name = name
         self.kinds = kinds
         self.bus: Any = None
+        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._down: multiprocessing.connection.Connection | None = None
         self._up: multiprocessing.connection.Connection | None = None
         self._dead: str | None = None  # why the child is gone, once it is
+        self._given_up = False  # no more children: one died _MAX_RESTARTS times in a row
+        self._in_a_row = 0  # children started since a batch was last written
+        self._failed: set[int] = set()  # sinks (by index in specs) that failed a write
         self._closed = False
         self._lock = threading.Lock()  # a user's close() may race the bus's thread
 
@@ -92,24 +113,17 @@ class ChildSink:
 
     def start(self) -> None:
         with self._lock:
-            self._start()
+            self._raise(self._request(None, "start"), "nothing is written")
 
     def write(self, batch: Sequence[Event], /) -> None:
         if not batch:
             return
         data = encode_batch(batch)
         with self._lock:
-            self._start()
-            errors: list[str] = []
-            if self._dead is None:
-                try:
-                    self._conn().send_bytes(data)
-                except (OSError, ValueError):
-                    self._dead = self._gone()
-                else:
-                    # Written when this returns, as the in-process sink's would be: a
-                    # drained bus means a complete file (catch-up reads the event log).
-                    errors = self._read_up("ok", "write")
+            # Written when this returns, as the in-process sink's would be: a
+            # drained bus means a complete file (catch-up reads the event log).
+            errors = self._request(data, "write")
+            self._in_a_row = 0
             if self._dead is not None:
                 self._raise(errors, f"{len(batch)} events from seq {batch[0].seq} on not written")
             # A sink of the child failed on this batch; the child's others wrote it.
@@ -118,61 +132,106 @@ class ChildSink:
     def flush(self) -> None:
         with self._lock:
             if self._proc is not None and not self._closed:
-                self._command(_FLUSH, "flush")
+                self._raise(self._request(_FLUSH, "flush"), "flush failed")
 
     def close(self) -> None:
         with self._lock:
             if self._proc is None or self._closed:
                 self._closed = True
                 return
-            self._closed = True
             try:
-                if self._dead is None:  # a dead child's writes said so already
-                    self._command(_CLOSE, "close")
+                # A child that died since the last write is replaced for this too:
+                # its files are closed (and fsynced) as the in-process sink's would be.
+                if not self._given_up:
+                    self._raise(self._request(_CLOSE, "close"), "close failed")
             finally:
-                # EOF also tells a child that never got the command to close its sinks.
-                if self._down is not None:
-                    self._down.close()
-                try:
-                    self._proc.wait(_REPLY_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(10)
-                if self._up is not None:
-                    self._up.close()
+                self._closed = True
+                self._end_child(forget=False)  # pid and exit code stay readable
 
     # -- internals ---------------------------------------------------------------------
 
-    def _start(self) -> None:
-        if self._proc is not None:
-            return
-        self._proc, self._down, self._up = spawn_child("sluice.sinks._child")
+    def _spawn(self) -> list[str]:
+        """Start a child; the failures it reported. One that cannot build its sinks
+        says why and exits: that is raised at once, and no other is started (it
+        would fail the same way). One that dies first (``_dead``) may be replaced."""
+        self._proc, self._down, self._up = spawn_child(self.module)
         self._down.send(
             {
                 "specs": self.specs,
                 "run_id": getattr(self.bus, "run_id", None),
                 "address": getattr(self.bus, "address", None),
+                "resume": self.restarts > 0,
+                "failed": sorted(self._failed),
             }
         )
         errors = self._read_up("ready", "start")
-        if errors and self._dead is None:
-            self._dead = "it could not start"  # it exits after saying why
-        self._raise(errors, "nothing is written")
+        if errors:
+            self._dead = "it could not start"
+            self._given_up = True
+            self._raise(errors, "nothing is written")
+        return errors
+
+    def _request(self, data: bytes | None, what: str) -> list[str]:
+        """Send ``data`` (``None``: only start a child) and wait for the child's
+        reply; a dead child is replaced (see the module doc) and the request sent
+        again. The failures the child reported; ``_dead`` is set if no child
+        could take it."""
+        errors: list[str] = []
+        while True:
+            if self._proc is None:
+                errors += self._spawn()
+            if self._dead is None and data is not None:
+                try:
+                    self._conn().send_bytes(data)
+                except (OSError, ValueError):
+                    self._dead = self._gone()
+                else:
+                    errors += self._read_up("ok", what)
+            if self._dead is None or self._given_up:
+                return errors
+            self._in_a_row += 1
+            if self._in_a_row > _MAX_RESTARTS:
+                self._given_up = True
+                logger.error(
+                    "%s: its child process died %d times in a row (%s); its files take"
+                    " no more events",
+                    self.name,
+                    self._in_a_row,
+                    self._dead,
+                )
+                return errors
+            logger.warning(
+                "%s: its child process died (%s); starting another, which resumes its"
+                " files and is sent the %s again",
+                self.name,
+                self._dead,
+                what,
+            )
+            self._end_child(forget=True)
+            self._dead = None
+            self.restarts += 1
+
+    def _end_child(self, *, forget: bool) -> None:
+        """Close the pipes (EOF also tells a child that never got ``close`` to close
+        its sinks) and wait for the child to exit; it is killed if it does not.
+        ``forget``: make way for another child."""
+        proc = self._proc
+        if self._down is not None:
+            self._down.close()
+        if proc is not None:
+            try:
+                proc.wait(_REPLY_TIMEOUT if self._dead is None else 0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if self._up is not None:
+            self._up.close()
+        if forget:
+            self._proc = self._down = self._up = None
 
     def _conn(self) -> multiprocessing.connection.Connection:
         assert self._down is not None
         return self._down
-
-    def _command(self, command: bytes, what: str) -> None:
-        errors: list[str] = []
-        if self._dead is None:
-            try:
-                self._conn().send_bytes(command)
-            except (OSError, ValueError):
-                self._dead = self._gone()
-            else:
-                errors = self._read_up("ok", what)
-        self._raise(errors, f"{what} failed")
 
     def _read_up(self, until: str, what: str) -> list[str]:
         """The failures the child reported before its ``until`` reply (every request
@@ -189,7 +248,10 @@ class ChildSink:
                     return errors
                 reply = up.recv()
                 if reply[0] == "error":
-                    errors.append(str(reply[1]))
+                    index, text = reply[1], reply[2]
+                    if index is not None:
+                        self._failed.add(index)
+                    errors.append(str(text))
                     if until == "ready":
                         return errors  # a child that cannot start says so and exits
                 elif reply[0] == until:
@@ -225,32 +287,35 @@ def _one_line(exc: BaseException) -> str:
 def _serve(
     down: multiprocessing.connection.Connection, up: multiprocessing.connection.Connection
 ) -> None:
-    from sluice.sinks.registry import sink_from_spec
+    from sluice.sinks.registry import resumed_sink, sink_from_spec
 
     config = down.recv()
     bus = types.SimpleNamespace(run_id=config["run_id"], address=config["address"])
+    build = resumed_sink if config["resume"] else sink_from_spec
+    # A sink that failed a write gets nothing more (in this child or an earlier
+    # one): a later batch that succeeded would leave a hole in its file.
+    failed: set[int] = set(config["failed"])
     sinks: list[Any] = []
     try:
-        for spec in config["specs"]:
-            sink = sink_from_spec(spec)
-            sink.bus = bus
-            if hasattr(sink, "start"):
-                sink.start()
+        for i, spec in enumerate(config["specs"]):
+            sink = None if i in failed else build(spec)
+            if sink is not None:
+                sink.bus = bus
+                if hasattr(sink, "start"):
+                    sink.start()
             sinks.append(sink)
     except Exception as exc:
         for started in sinks:  # a log already opened ends whole
             with contextlib.suppress(Exception):
-                started.close()
-        up.send(("error", _one_line(exc)))
+                if started is not None:
+                    started.close()
+        up.send(("error", None, _one_line(exc)))
         return
     up.send(("ready",))
-    # A sink that failed a write gets nothing more: a later batch that succeeded
-    # would leave a hole in its file. The others go on.
-    failed: set[int] = set()
 
     def each(method: str, *args: Any) -> None:
         for i, sink in enumerate(sinks):
-            if i in failed or not hasattr(sink, method):
+            if sink is None or i in failed or not hasattr(sink, method):
                 continue
             try:
                 if method == "write":
@@ -264,7 +329,7 @@ def _serve(
             except Exception as exc:
                 failed.add(i)
                 with contextlib.suppress(OSError, ValueError):
-                    up.send(("error", f"{getattr(sink, 'name', sink)}: {_one_line(exc)}"))
+                    up.send(("error", i, f"{getattr(sink, 'name', sink)}: {_one_line(exc)}"))
 
     while True:
         try:

@@ -76,14 +76,14 @@ def _path_of(spec: str, target: str) -> tuple[str, dict[str, str]]:
     return path, query
 
 
-def _counter(spec: str, target: str, _in_child: bool) -> Any:
+def _counter(spec: str, target: str, _in_child: bool, _resume: bool) -> Any:
     from sluice.sinks.counter import Counter
 
     _no_target(spec, "counter", target)
     return Counter()
 
 
-def _errors(spec: str, target: str, _in_child: bool) -> Any:
+def _errors(spec: str, target: str, _in_child: bool, _resume: bool) -> Any:
     from sluice.sinks.errors import ErrorLogger
 
     _no_target(spec, "errors", target)
@@ -121,7 +121,7 @@ def _in_child(spec: str, sink: Any) -> Any:
     return ChildSink([inner.geturl()], name=sink.name, kinds=sink.kinds)
 
 
-def _json_log(spec: str, target: str, in_child: bool) -> Any:
+def _json_log(spec: str, target: str, in_child: bool, resume: bool) -> Any:
     from sluice.sinks.jsonlog import JsonLog
 
     where, _, options = target.partition("?")
@@ -136,11 +136,11 @@ def _json_log(spec: str, target: str, in_child: bool) -> Any:
         raise SinkSpecError(
             f"sink spec {spec!r}: json-log takes no options but process ({sorted(query)})"
         )
-    sink = JsonLog(path)
+    sink = JsonLog(path, resume=resume)
     return _in_child(spec, sink) if process else sink
 
 
-def _eventlog(spec: str, target: str, in_child: bool) -> Any:
+def _eventlog(spec: str, target: str, in_child: bool, resume: bool) -> Any:
     from sluice.sinks.eventlog import EventLog, FsyncPolicy
 
     path, query = _path_of(spec, target)
@@ -165,13 +165,13 @@ def _eventlog(spec: str, target: str, in_child: bool) -> Any:
             raise SinkSpecError(f"sink spec {spec!r}: unknown eventlog option {name!r}")
     try:
         # Built here even for a child: a log that exists fails now, with one line.
-        sink = EventLog(path, fsync=fsync, rotate_bytes=rotate)
+        sink = EventLog(path, fsync=fsync, rotate_bytes=rotate, resume=resume)
     except (OSError, ValueError) as exc:
         raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
     return _in_child(spec, sink) if process else sink
 
 
-def _rabbitmq(spec: str, target: str, _in_child: bool) -> Any:
+def _rabbitmq(spec: str, target: str, _in_child: bool, _resume: bool) -> Any:
     try:
         from sluice.sinks.rabbitmq import RabbitMQ
     except ImportError as exc:
@@ -179,7 +179,8 @@ def _rabbitmq(spec: str, target: str, _in_child: bool) -> Any:
     return RabbitMQ.from_url(spec)
 
 
-_BUILTIN: dict[str, Callable[[str, str, bool], Any]] = {
+#: name -> builder(spec, target after the colon, in a child by default, resume).
+_BUILTIN: dict[str, Callable[[str, str, bool, bool], Any]] = {
     "counter": _counter,
     "errors": _errors,
     "json-log": _json_log,
@@ -213,7 +214,7 @@ def sink_from_spec(spec: str, *, service: str | None = None) -> Any:
     if builtin is not None:
         in_child = files_in_child(service)  # a bad config value is its own error
         try:
-            return builtin(spec, target, in_child)
+            return builtin(spec, target, in_child, False)
         except SinkSpecError:
             raise
         except ValueError as exc:
@@ -237,6 +238,22 @@ def sink_from_spec(spec: str, *, service: str | None = None) -> Any:
             f"sink spec {spec!r}: the {ENTRY_POINT_GROUP!r} entry point {entry_point.value!r}"
             f" failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def resumed_sink(spec: str) -> Any:
+    """The file sink ``spec`` describes (it must be a built-in), continuing the
+    file a writer of the same run left when it died: what the file sinks'
+    child builds when its parent restarted it (``resume=True`` of the sinks)."""
+    name, _, target = spec.partition(":")
+    builtin = _BUILTIN.get(name)
+    if builtin is None:
+        raise SinkSpecError(f"sink spec {spec!r}: only a built-in sink can be resumed")
+    try:
+        return builtin(spec, target, False, True)
+    except SinkSpecError:
+        raise
+    except ValueError as exc:
+        raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
 
 
 def sinks_from_config(service: str, sinks: Any, *, first: Sequence[Any] = ()) -> list[Any]:

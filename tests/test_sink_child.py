@@ -4,20 +4,25 @@ one child for a service's hosted sinks, and failures raised, not hung on."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import select
 import signal
 import subprocess
 import sys
+import threading
+import time
+import types
 from pathlib import Path
 
+import orjson
 import pytest
 
 from sluice import config
 from sluice.bus import EventBus
 from sluice.events import Event, GraphUpdated, TaskTransition, UserEvent
-from sluice.replay import read_events, read_header
+from sluice.replay import EventLogReader, read_events, read_header
 from sluice.sinks._child import ChildSink, ChildSinkError
 from sluice.sinks.registry import SinkSpecError, sink_from_spec, sinks_from_config
 from sluice_processes import thread_niceness
@@ -163,19 +168,127 @@ async def test_a_drained_bus_means_the_childs_event_log_holds_every_event(
             assert logged == [e.seq for e in events[: start + 100]]
 
 
-def test_a_killed_child_fails_every_write_and_close_cleans_up(tmp_path: Path) -> None:
-    sink = sink_from_spec(f"json-log://{tmp_path}/log.json?process=true")
+def shared_child(tmp_path: Path, *specs: str) -> ChildSink:
+    """The scheduler's file sinks' child for ``specs`` (default: a JSON log and an event log)."""
+    specs = specs or (f"json-log://{tmp_path}/log.json", f"eventlog://{tmp_path}/run.jsonl")
+    [sink] = sinks_from_config("scheduler", list(specs))
+    assert isinstance(sink, ChildSink)
+    sink.bus = types.SimpleNamespace(run_id="run-1", address=None)
+    return sink
+
+
+def json_log_seqs(path: Path) -> list[int]:
+    return [orjson.loads(line)["seq"] for line in path.read_bytes().splitlines()]
+
+
+def test_a_killed_child_is_replaced_and_its_files_read_as_if_it_had_not_died(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = shared_child(tmp_path)
+    events = run_events(300)
     sink.start()
-    sink.write(run_events(3))
-    sink.flush()
-    assert (tmp_path / "log.json").read_bytes().count(b"\n") == 4
+    sink.write(events[:100])
+    first = sink.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    sink._proc.wait(10)  # type: ignore[union-attr]  # dead, not dying, before the write
+    with caplog.at_level(logging.WARNING, logger="sluice.sinks"):
+        sink.write(events[100:200])  # no error: a new child took it
+    assert sink.restarts == 1 and sink.pid not in (None, first)
+    assert "its child process died (the child process exited (code -9))" in caplog.text
+    sink.write(events[200:])
+    sink.close()
+    reader = EventLogReader(tmp_path / "run.jsonl")
+    assert [e.seq for e in reader] == [e.seq for e in events]
+    assert reader.truncated is None and reader.run_id == "run-1"
+    assert json_log_seqs(tmp_path / "log.json") == [e.seq for e in events]
+
+
+def test_a_child_killed_with_a_batch_in_flight_is_replaced_and_sent_it_again(
+    tmp_path: Path,
+) -> None:
+    sink = shared_child(tmp_path)
+    events = run_events(300)
+    sink.write(events[:100])
+    pid = sink.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the next batch waits in the pipe, unread
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            sink.write(events[100:])
+        except BaseException as exc:
+            failures.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    # The write is in flight once the pipe holds it (the child reads nothing now).
+    deadline = time.monotonic() + 30
+    while pipe_bytes(sink) == 0:
+        assert time.monotonic() < deadline, "the batch never reached the pipe"
+        time.sleep(0.01)  # polling the pipe: nothing to wait on
+    os.kill(pid, signal.SIGKILL)
+    writer.join(30)
+    assert not writer.is_alive() and not failures
+    assert sink.restarts == 1
+    sink.close()
+    assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == [e.seq for e in events]
+    assert json_log_seqs(tmp_path / "log.json") == [e.seq for e in events]
+
+
+def pipe_bytes(sink: ChildSink) -> int:
+    """Bytes waiting in the pipe down to the child (Linux FIONREAD on the write end)."""
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(sink._down.fileno(), termios.FIONREAD, buf)  # type: ignore[union-attr]
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def test_a_sink_that_failed_stays_out_of_the_replacement_child(tmp_path: Path) -> None:
+    # /dev/full takes the open and fails every write that reaches it.
+    sink = shared_child(tmp_path, "json-log:///dev/full", f"eventlog://{tmp_path}/run.jsonl")
+    events = run_events(300)
+    with pytest.raises(ChildSinkError, match=r"json-log: OSError"):
+        sink.write(events[:100])
     assert sink.pid is not None
     os.kill(sink.pid, signal.SIGKILL)
-    sink._proc.wait(10)  # type: ignore[union-attr]  # dead, not dying, before the writes
-    for _ in range(2):
-        with pytest.raises(ChildSinkError, match=r"exited \(code -9\).*not written"):
-            sink.write(run_events(3))
-    sink.close()  # the writes said it: close just cleans up
+    sink._proc.wait(10)  # type: ignore[union-attr]
+    sink.write(events[100:])  # the replacement gives the JSON log nothing: no error
+    sink.close()
+    assert sink.restarts == 1
+    assert [e.seq for e in read_events(tmp_path / "run.jsonl")] == [e.seq for e in events]
+
+
+def test_a_child_that_dies_at_every_batch_is_given_up_after_three_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "dying_child.py").write_text(
+        "import os, sys\n"
+        "from sluice._child_process import child_pipes\n"
+        "down, up = child_pipes(sys.argv[1:])\n"
+        "down.recv()\n"
+        "up.send(('ready',))\n"
+        "down.recv_bytes()\n"
+        "os._exit(3)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sink = shared_child(tmp_path)
+    sink.module = "dying_child"
+    with (
+        caplog.at_level(logging.WARNING, logger="sluice.sinks"),
+        pytest.raises(ChildSinkError, match=r"exited \(code 3\).*not written") as err,
+    ):
+        sink.write(run_events(3))
+    assert "\n" not in str(err.value)
+    assert sink.restarts == 3
+    assert "died 4 times in a row" in caplog.text
+    with pytest.raises(ChildSinkError, match=r"exited \(code 3\)"):
+        sink.write(run_events(3))  # given up: no more children
+    assert sink.restarts == 3
+    sink.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
@@ -272,6 +385,41 @@ def test_a_scheduler_with_hosted_sinks_logs_its_run_like_the_in_process_log(
     assert len(finished) == 50
     lines = (tmp_path / "run.json").read_bytes().splitlines()
     assert len(lines) == len(hosted)
+
+
+@pytest.mark.timeout(120)
+def test_a_schedulers_run_outlives_its_file_sinks_child_and_logs_every_event(
+    tmp_path: Path,
+) -> None:
+    from sluice.client import Client
+    from sluice.deploy import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        processes=False,
+        sinks=[f"json-log://{tmp_path}/run.json"],
+        event_log=tmp_path / "run.jsonl",
+    )
+    with cluster, Client(cluster) as client:
+        assert client.gather(client.map(inc, range(50))) == list(range(1, 51))
+        [child] = [
+            sub.consumer
+            for sub in cluster.scheduler.bus.subscriptions.values()
+            if isinstance(sub.consumer, ChildSink)
+        ]
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        assert client.gather(client.map(inc, range(50, 100))) == list(range(51, 101))
+        assert child.restarts == 1
+    reader = EventLogReader(tmp_path / "run.jsonl")
+    logged = list(reader)
+    assert reader.truncated is None
+    # Every event of the run, once: the bus stamps seqs 1, 2, 3... and the log takes all.
+    assert [e.seq for e in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1].kind == "scheduler-closing"
+    finished = {e.key for e in logged if e.kind == "task-transition" and e.finish == "memory"}
+    assert len(finished) == 100
+    assert json_log_seqs(tmp_path / "run.json") == [e.seq for e in logged]
 
 
 def test_what_a_killed_parent_had_sent_is_still_written(tmp_path: Path) -> None:
