@@ -46,6 +46,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised with pika hidden
     raise ImportError("the RabbitMQ sink needs pika: pip install 'sluice[rabbitmq]'") from exc
 
+from sluice._amqp_frames import CONTENT_TYPE, FrameWriter
 from sluice._amqp_spool import Message, Spool
 
 __all__ = ("Publisher", "ThreadBackend", "shutdown")
@@ -123,6 +124,7 @@ class Publisher:
         self._ioloop: Any = None  # made by start(): an unstarted publisher holds no sockets
         self._connection: Any = None
         self._channel: Any = None
+        self._frames: FrameWriter | None = None  # None: publish through pika's basic_publish
         self._ready = False
         self._closing = False
         self._stopping = False
@@ -250,29 +252,38 @@ class Publisher:
         """Publish the next chunk while the confirm window has room."""
         self._pump_scheduled = False
         if self._ready and not self._stopping:
-            channel = self._channel
             mem = self.mem
             unconfirmed = self.unconfirmed
             budget = min(_CHUNK, self.max_inflight - len(unconfirmed))
-            exchange = self.exchange
-            sent = 0
-            BasicProperties = pika.BasicProperties
-            while sent < budget:
+            chunk: list[Item] = []
+            while len(chunk) < budget:
                 if not mem and not self._load_spool():
                     break
-                item = mem.popleft()
-                properties = BasicProperties(
-                    content_type="application/json", delivery_mode=2, message_id=item[0]
-                )
-                channel.basic_publish(exchange, item[1], item[2], properties)
-                unconfirmed.append(item)
-                sent += 1
-            self.published += sent
-            if sent:
-                _coalesce_output(self._connection)
+                chunk.append(mem.popleft())
+            if chunk:
+                # Unconfirmed from here: if the connection turns out to be gone, _lost
+                # puts them back in front of mem.
+                unconfirmed.extend(chunk)
+                self.published += len(chunk)
+                if self._frames is not None:
+                    if self._connection is not None and self._connection.is_open:
+                        self._frames.write(chunk)
+                else:
+                    self._publish_with_pika(chunk)
             if (mem or self.spool.has_unread()) and len(unconfirmed) < self.max_inflight:
                 self._schedule_pump()
         self._check_settled()
+
+    def _publish_with_pika(self, chunk: list[Item]) -> None:
+        channel = self._channel
+        exchange = self.exchange
+        BasicProperties = pika.BasicProperties
+        for item in chunk:
+            properties = BasicProperties(
+                content_type=CONTENT_TYPE, delivery_mode=2, message_id=item[0]
+            )
+            channel.basic_publish(exchange, item[1], item[2], properties)
+        _coalesce_output(self._connection)
 
     def _schedule_pump(self) -> None:
         if not self._pump_scheduled:
@@ -389,6 +400,7 @@ class Publisher:
 
     def _on_declared(self, _frame: Any) -> None:
         logger.debug("RabbitMQ %s: channel ready", self.label)
+        self._frames = FrameWriter.for_channel(self._connection, self._channel, self.exchange)
         self._ready = True
         self._first_tag = 1
         self._acked_singly.clear()
@@ -430,6 +442,7 @@ class Publisher:
         logger.debug("RabbitMQ %s: connection lost: %r", self.label, reason)
         self._connection = None
         self._channel = None
+        self._frames = None
         self._ready = False
         if self.unconfirmed:
             self.resent += len(self.unconfirmed)
