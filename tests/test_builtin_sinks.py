@@ -32,14 +32,16 @@ async def test_counter_counts_processing_to_memory_and_resets_on_restart() -> No
         bus.publish(tt(2, "processing", "memory"))
         bus.publish(tt(3, "processing", "memory"))
         bus.publish(tt(4, "executing", "memory", source="tcp://w:1"))
-        bus.publish(WorkerAdded(seq=5, worker="tcp://w:1"))
+        bus.publish(tt(5, "processing", "memory", source="tcp://w:1"))
+        bus.publish(WorkerAdded(seq=6, worker="tcp://w:1"))
         await bus.drain()
-        assert counter.count == 2  # the worker's own transition is not a scheduler one
-        assert counter.by_edge[("processing", "memory")] == 2
+        assert counter.count == 2  # the workers' own transitions are not the scheduler's
+        assert counter.by_edge[("processing", "memory")] == 3
         assert counter.by_edge[("executing", "memory")] == 1
-        assert bus.stats()["counter"]["delivered"] == 4  # worker-added is not routed to it
-        bus.publish(Restarted(seq=6))
+        assert bus.stats()["counter"]["delivered"] == 5  # worker-added is not routed to it
         bus.publish(tt(7, "processing", "memory"))
+        bus.publish(Restarted(seq=8))
+        bus.publish(tt(9, "processing", "memory"))
     assert counter.count == 1
     assert dict(counter.by_edge) == {("processing", "memory"): 1}
 
