@@ -398,7 +398,7 @@ class Publisher:
                 self.exchange, exchange_type="topic", durable=True, callback=self._on_declared
             )
 
-    def _on_declared(self, _frame: Any) -> None:
+    def _on_declared(self, frame: Any) -> None:
         logger.debug("RabbitMQ %s: channel ready", self.label)
         self._frames = FrameWriter.for_channel(self._connection, self._channel, self.exchange)
         self._ready = True
@@ -407,10 +407,14 @@ class Publisher:
         self._backoff = 0.0
         self.connections += 1
         if self._outage_since is not None:
+            # What the queue holds says whether the broker kept what it confirmed
+            # before the outage (less than that, with no consumer: it lost some).
+            held = getattr(frame.method, "message_count", None)
             logger.info(
-                "RabbitMQ %s is back after %.1f s; sending %d waiting events",
+                "RabbitMQ %s is back after %.1f s%s; sending %d waiting events",
                 self.label,
                 time.monotonic() - self._outage_since,
+                "" if held is None else f" (the queue holds {held} messages)",
                 len(self.mem) + self.spool.unread_messages,
             )
             self._outage_since = None

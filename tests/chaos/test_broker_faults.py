@@ -10,6 +10,8 @@ and, for each task key, the first deliveries come in the order of the log.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -66,8 +68,12 @@ def first_deliveries(messages: list[Message]) -> tuple[dict[str, dict[str, Any]]
 @pytest.mark.anyio
 @pytest.mark.timeout(240)
 async def test_broker_killed_and_restarted_twice(
-    tmp_path: Path, rabbit_node: RabbitNode, drain: Callable[[str, str], list[Message]]
+    tmp_path: Path,
+    rabbit_node: RabbitNode,
+    drain: Callable[[str, str], list[Message]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sluice.sinks.rabbitmq")
     node = rabbit_node
     await anyio.to_thread.run_sync(node.start)
     queue = f"sluice-chaos-{uuid.uuid4().hex[:12]}"
@@ -88,6 +94,7 @@ async def test_broker_killed_and_restarted_twice(
         async with Worker(s.address, nthreads=1), Client(s.address, asynchronous=True) as c:
             await wait_until(lambda: sink.connected, "the first connection")
             futures: list[Any] = []
+            confirmed_at_kill: list[int] = []  # the sink's count just before each kill
             for outage in range(outages):
                 # Up: a wave runs and some of it is confirmed.
                 before = sink.stats()["confirmed"]
@@ -96,6 +103,7 @@ async def test_broker_killed_and_restarted_twice(
                 )
                 await wait_until(lambda b=before: sink.stats()["confirmed"] >= b + 200, "confirms")
                 # kill -9 mid-stream, with messages in flight; another wave runs meanwhile.
+                confirmed_at_kill.append(sink.stats()["confirmed"])
                 await anyio.to_thread.run_sync(node.kill)
                 await wait_until(lambda: not sink.connected, "the sink to see the broker gone")
                 futures += c.map(
@@ -115,6 +123,16 @@ async def test_broker_killed_and_restarted_twice(
     # in flight, which is likely but not certain
     assert stats["pending"] == 0 and stats["spooled"] > 0, stats  # outages went via the spool
 
+    # With no consumer, the queue a restarted node holds must hold at least what it
+    # had confirmed before the kill; if not, the broker lost messages it confirmed.
+    backs = [r.message for r in caplog.records if "is back after" in r.message]
+    held = [int(m) for b in backs for m in re.findall(r"the queue holds (\d+) messages", b)]
+    assert len(held) == outages, backs
+    for n, (kept, confirmed) in enumerate(zip(held, confirmed_at_kill, strict=True), 1):
+        assert kept >= confirmed, (
+            f"after kill {n} the node's queue held {kept} messages, but the node had"
+            f" confirmed {confirmed}: the broker lost messages it had confirmed"
+        )
     events = list(read_events(log))
     messages = await anyio.to_thread.run_sync(drain, node.url, queue)
     first, order = first_deliveries(messages)
