@@ -213,12 +213,7 @@ def sink_from_spec(spec: str, *, service: str | None = None) -> Any:
     builtin = _BUILTIN.get(name)
     if builtin is not None:
         in_child = files_in_child(service)  # a bad config value is its own error
-        try:
-            return builtin(spec, target, in_child, False)
-        except SinkSpecError:
-            raise
-        except ValueError as exc:
-            raise SinkSpecError(f"sink spec {spec!r}: {exc}") from None
+        return _build(builtin, spec, target, in_child=in_child, resume=False)
     entry_point = _entry_points().get(name)
     if entry_point is None:
         raise SinkSpecError(
@@ -248,8 +243,20 @@ def resumed_sink(spec: str) -> Any:
     builtin = _BUILTIN.get(name)
     if builtin is None:
         raise SinkSpecError(f"sink spec {spec!r}: only a built-in sink can be resumed")
+    return _build(builtin, spec, target, in_child=False, resume=True)
+
+
+def _build(
+    builtin: Callable[[str, str, bool, bool], Any],
+    spec: str,
+    target: str,
+    *,
+    in_child: bool,
+    resume: bool,
+) -> Any:
+    """Call a built-in's builder; its ``ValueError`` becomes a one-line spec error."""
     try:
-        return builtin(spec, target, False, True)
+        return builtin(spec, target, in_child, resume)
     except SinkSpecError:
         raise
     except ValueError as exc:

@@ -601,6 +601,19 @@ def test_existing_empty_file_is_reused(tmp_path: Path) -> None:
 # -- resume: a writer that died, replaced -------------------------------------------
 
 
+def resume_with(path: Path, batches: list[list[Event]], **kwargs: Any) -> list[Event]:
+    """Resume the log at ``path`` as a restarted file sinks' child does, write
+    ``batches``, close; the log's events (it must have no torn line)."""
+    resumed = EventLog(path, resume=True, **kwargs)
+    for batch in batches:
+        resumed.write(batch)
+    resumed.close()
+    reader = EventLogReader(path)
+    events = list(reader)
+    assert reader.truncated is None
+    return events
+
+
 @pytest.mark.parametrize("cut", [0, 1, 25, -1], ids=["whole-lines", "one-byte", "mid-line", "all"])
 def test_a_resumed_log_reads_as_if_its_writer_never_died(tmp_path: Path, cut: int) -> None:
     # The writer died during its second batch: that batch's first three lines,
@@ -613,23 +626,15 @@ def test_a_resumed_log_reads_as_if_its_writer_never_died(tmp_path: Path, cut: in
     end = len(partial) - len(event_json(written[13])) - 1 + cut if cut >= 0 else len(partial)
     with open(path, "ab") as f:
         f.write(partial[:end])
-    resumed = EventLog(path, run_id="r1", resume=True)
-    resumed.write(written[10:])
-    resumed.close()
-    reader = EventLogReader(path)
-    assert list(reader) == written
-    assert reader.truncated is None
+    assert resume_with(path, [written[10:]], run_id="r1") == written
 
 
 def test_a_resumed_log_skips_a_batch_it_holds_and_writes_the_next(tmp_path: Path) -> None:
     path = tmp_path / "run.jsonl"
     written = transitions(30)
     write_log(path, [written[:20]], run_id="r1")
-    resumed = EventLog(path, run_id="r1", resume=True)
-    resumed.write(written[5:20])  # died after writing it, before saying so
-    resumed.write(written[20:])
-    resumed.close()
-    assert list(read_events(path)) == written
+    # The writer died after writing written[5:20], before saying so: it comes again.
+    assert resume_with(path, [written[5:20], written[20:]], run_id="r1") == written
 
 
 def test_a_resumed_log_continues_its_last_segment_and_rotation(tmp_path: Path) -> None:
@@ -655,12 +660,7 @@ def test_a_resumed_log_redoes_a_segment_whose_header_was_cut(tmp_path: Path) -> 
     log = write_log(path, [written[:10], written[10:15]], rotate_bytes=500)
     last = log.paths[-1]
     last.write_bytes(lines_of(last)[0][:15])  # died while starting that segment
-    resumed = EventLog(path, rotate_bytes=500, run_id=log.run_id, resume=True)
-    resumed.write(written[10:])
-    resumed.close()
-    reader = EventLogReader(path)
-    assert list(reader) == written
-    assert reader.truncated is None
+    assert resume_with(path, [written[10:]], rotate_bytes=500, run_id=log.run_id) == written
 
 
 def test_a_resumed_log_that_was_never_started_starts_afresh(tmp_path: Path) -> None:
