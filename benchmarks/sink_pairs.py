@@ -14,15 +14,16 @@ that lags a run (the niced publisher child) still does its work after it, as in
 ``sinks.py``.
 
 ``--sinks``: ``defaults`` (the JSON log and the event log in the scheduler's
-child for file sinks, RabbitMQ from its own child process) or ``in-process`` (the
+child for file sinks, RabbitMQ from its own child process), ``in-process`` (the
 file sinks in the scheduler's process, ``sluice.scheduler.file-sinks-in-child:
-false``). ``--pin`` starts a RabbitMQ node of the script's own on the
+false``) or ``thread`` (the defaults, but RabbitMQ from a thread of the
+scheduler's process, ``process=false``). ``--pin`` starts a RabbitMQ node of the script's own on the
 last core and runs the clusters on the others; ``--beside-broker`` then moves
 the sinks' children to the broker's core (a scheduler machine with a core to
 spare for them). Without ``--pin`` the shared broker at ``--amqp`` is used.
 
 Run: ``.venv/bin/python benchmarks/sink_pairs.py [--pairs 10] [--tasks 10000]
-[--sinks defaults|in-process] [--pin [--beside-broker]]``.
+[--sinks defaults|in-process|thread] [--pin [--beside-broker]]``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--sinks", choices=("defaults", "in-process"), default="defaults")
+    parser.add_argument("--sinks", choices=("defaults", "in-process", "thread"), default="defaults")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument(
         "--pin", action="store_true", help="a broker of this run's own on the last core"
@@ -80,7 +81,11 @@ def main() -> None:
         import pika  # noqa: F401
     except ImportError:
         sys.exit("needs the rabbitmq extra: pip install -e '.[rabbitmq]'")
-    parts = (*ALL, "rabbitmq", *(("in-process",) if args.sinks == "in-process" else ()))
+    parts = (
+        *ALL,
+        "rabbitmq-thread" if args.sinks == "thread" else "rabbitmq",
+        *(("in-process",) if args.sinks == "in-process" else ()),
+    )
     where = ", children on the broker's core" if args.beside_broker else ""
     label = f"all sinks ({args.sinks}{where})"
     queue = f"sluice-bench-pairs-{uuid.uuid4().hex[:8]}"
