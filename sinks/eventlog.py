@@ -49,7 +49,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, get_args
 import click
 import orjson
 
-from sluice._core.logfile import FORMAT, existing_segments, segment_path
+from sluice._core.logfile import FORMAT, existing_segments, read_header, segment_path
 from sluice.events import SCHEMA_VERSION
 from sluice.sinks import Sink
 from sluice.sinks._files import cut_partial_line, fsync_dir, last_line, write_all
@@ -248,21 +248,27 @@ class EventLog(Sink):
         has no whole header yet (it is then started afresh)."""
         numbers = [0, *existing_segments(self.path)]
         n = numbers[-1]
-        last = cut_partial_line(segment_path(self.path, n))
-        if last is None:  # died while writing this segment's header
-            if n == 0:
-                return None
-            self._started = _header(self.path)["started"]
-            self._skip_to = _last_seq(self.path, numbers[:-1])
-            segment_path(self.path, n).unlink()
-            return self._open_segment(n)
-        header = _header(self.path)
-        if header.get("run_id") != self.run_id:
+        try:
+            with open(self.path, "rb") as first:
+                whole_header = first.readline().endswith(b"\n")
+        except FileNotFoundError:
+            return None
+        if not whole_header and n == 0:  # died while writing the log's first header
+            cut_partial_line(self.path)
+            return None
+        # Whose log it is, before anything in it is touched.
+        header = read_header(self.path)
+        if header["run_id"] != self.run_id:
             raise ValueError(
-                f"event log {self.path} records run {header.get('run_id')!r}, not"
+                f"event log {self.path} records run {header['run_id']!r}, not"
                 f" {self.run_id!r}: it cannot be resumed by this run"
             )
         self._started = header.get("started")
+        last = cut_partial_line(segment_path(self.path, n))
+        if last is None:  # died while starting segment n: start it again
+            self._skip_to = _last_seq(self.path, numbers[:-1])
+            segment_path(self.path, n).unlink()
+            return self._open_segment(n)
         self._skip_to = _last_seq(self.path, numbers)
         path = segment_path(self.path, n)
         f = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across calls
@@ -332,15 +338,6 @@ def _encode(batch: Sequence[Event]) -> bytes:
             logger.error("event seq=%s (%s) dropped from the event log", e.seq, e.kind)
     lines.append(b"")
     return b"\n".join(lines)
-
-
-def _header(path: Path) -> dict[str, Any]:
-    """The header of an existing log's first segment (resume checks it is this run's)."""
-    with open(path, "rb") as f:
-        header = orjson.loads(f.readline())
-    if type(header) is not dict or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sluice event log: it cannot be resumed")
-    return header
 
 
 def _last_seq(path: Path, numbers: list[int]) -> int:

@@ -673,14 +673,18 @@ def test_a_resumed_log_that_was_never_started_starts_afresh(tmp_path: Path) -> N
     assert read_header(path)["run_id"] == "r1"
 
 
-def test_only_the_same_run_can_resume_a_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "last-segment-cut"])
+def test_only_the_same_run_can_resume_a_log(tmp_path: Path, cut: bool) -> None:
     path = tmp_path / "run.jsonl"
-    write_log(path, [transitions(3)], run_id="first")
-    before = path.read_bytes()
+    log = write_log(path, [transitions(10), transitions(10, start=11)], rotate_bytes=500)
+    assert len(log.paths) == 2
+    if cut:  # another run's writer died mid-line: its file is not this run's to mend
+        log.paths[-1].write_bytes(log.paths[-1].read_bytes()[:-7])
+    before = [p.read_bytes() for p in log.paths]
     resumed = EventLog(path, run_id="second", resume=True)
-    with pytest.raises(ValueError, match=r"records run 'first', not 'second'"):
-        resumed.write(transitions(2, start=4))
-    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match=rf"records run '{log.run_id}', not 'second'"):
+        resumed.write(transitions(2, start=21))
+    assert [p.read_bytes() for p in log.paths] == before
 
 
 # -- across processes ---------------------------------------------------------------
